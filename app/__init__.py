@@ -1,0 +1,1 @@
+"""sgf-dmft dashboard (Panel). Arranges, schedules and draws; never computes physics."""

@@ -1,0 +1,228 @@
+"""The experiment configuration: the single source of truth for every parameter.
+
+Names, defaults, bounds and help text live here and nowhere else; the solvers, the command line
+and the dashboard's widgets are generated from :class:`Experiment`. Symbols follow
+``../shared/THEORY.md`` (sections 1-2).
+
+Conventions (THEORY.md section 2): time ``t = j*eta/d`` after ``j`` SGD steps, temperature
+``tau = eta/B``, ``delta = n/d``. After time ``t`` SGD has made ``t*d/eta`` steps and
+``t/(tau*delta)`` passes over the data.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import param
+
+LOSSES = ("square", "logistic")
+TEACHERS = ("linear", "sign")
+ALGOS = ("gd", "sgf", "sgd")
+SAMPLINGS = ("fresh", "reshuffle")
+METHODS = ("auto", "mc", "exact", "online")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; ``param`` names the offending parameter."""
+
+    def __init__(self, param_name: str, message: str):
+        self.param = param_name
+        super().__init__(f"{param_name}: {message}")
+
+
+class Experiment(param.Parameterized):
+    """One experiment: data, teacher, student, optimiser, theory accuracy and simulation size."""
+
+    # --- data and teacher -------------------------------------------------------------------
+    delta = param.Number(2.0, bounds=(0.01, 1000.0), softbounds=(0.1, 10.0),
+                         doc="Sample ratio delta = n/d (number of samples per dimension).")
+    teacher = param.Selector(default="sign", objects=list(TEACHERS),
+                             doc="Teacher y = phi(h*, eps): 'linear' y = h* + noise*eps; "
+                                 "'sign' y = sign(h*) flipped with probability flip.")
+    noise = param.Number(0.0, bounds=(0.0, 10.0), softbounds=(0.0, 2.0),
+                         doc="Label noise sigma of the linear teacher (y = h* + sigma*eps).")
+    flip = param.Number(0.0, bounds=(0.0, 0.5),
+                        doc="Label-flip probability p of the sign teacher.")
+    rho = param.Number(1.0, bounds=(1e-6, 100.0), softbounds=(0.1, 4.0),
+                       doc="Teacher second moment rho = E[theta*_i^2] (so Var h* = rho).")
+
+    # --- model and loss ---------------------------------------------------------------------
+    loss = param.Selector(default="logistic", objects=list(LOSSES),
+                          doc="Per-sample loss l(h, y): 'square' (h-y)^2/2, "
+                              "'logistic' log(1+exp(-y h)) (needs labels +-1).")
+    lam = param.Number(0.01, bounds=(0.0, 100.0), softbounds=(0.0, 2.0),
+                       doc="Ridge penalty lambda: (lambda/2)|theta|^2 per row.")
+    q0 = param.Number(0.0, bounds=(0.0, 100.0), softbounds=(0.0, 4.0),
+                      doc="Initial self-overlap q0 = E[theta_i(0)^2] (0: start at zero).")
+    m0 = param.Number(0.0, bounds=(-100.0, 100.0), softbounds=(-2.0, 2.0),
+                      doc="Initial teacher overlap m0 = E[theta_i(0) theta*_i]; needs m0^2 <= q0*rho.")
+
+    # --- optimiser ----------------------------------------------------------------------------
+    tau = param.Number(0.5, bounds=(0.0, 100.0), softbounds=(0.0, 4.0),
+                       doc="Temperature tau = eta/B of the stochastic gradient flow (0: gradient flow).")
+    batch = param.Integer(8, bounds=(1, 100000), softbounds=(1, 256),
+                          doc="SGD batch size B (simulator); changing it keeps tau and rescales eta.")
+    eta = param.Number(4.0, bounds=(0.0, 1e6), softbounds=(0.0, 64.0),
+                       doc="SGD learning rate eta = tau*B (derived from tau and batch; "
+                           "setting it sets tau = eta/B).")
+
+    # --- time grid ----------------------------------------------------------------------------
+    T = param.Number(10.0, bounds=(1e-3, 1e4), softbounds=(0.5, 50.0),
+                     doc="Horizon T in SGF time t = steps*eta/d.")
+    dt = param.Number(0.05, bounds=(1e-4, 2.0), softbounds=(0.005, 0.5),
+                      doc="Grid step dt of the DMFT and of the Euler-Maruyama SGF / GD simulator.")
+    record_every = param.Integer(1, bounds=(1, 100000),
+                                 doc="Record observables every this many grid steps.")
+
+    # --- theory -------------------------------------------------------------------------------
+    method = param.Selector(default="auto", objects=list(METHODS),
+                            doc="DMFT method: 'mc' Monte Carlo time marching; 'exact' square loss "
+                                "with linear teacher (deterministic); 'online' delta -> infinity "
+                                "ODEs; 'auto' exact where it applies, else mc.")
+    samples = param.Integer(4000, bounds=(16, 2_000_000), softbounds=(500, 40000),
+                            doc="Population N of sample trajectories in the Monte Carlo DMFT.")
+
+    # --- simulation ---------------------------------------------------------------------------
+    d = param.Integer(1000, bounds=(2, 100_000), softbounds=(100, 8000),
+                      doc="Dimension d of the finite-size simulation (n = round(delta*d)).")
+    seeds = param.Integer(4, bounds=(1, 1000), softbounds=(1, 32),
+                          doc="Number of independent seeds (data sets) in the simulation.")
+    algo = param.Selector(default="sgf", objects=list(ALGOS),
+                          doc="Simulated dynamics: 'gd' full-batch GD with step dt; 'sgf' "
+                              "Euler-Maruyama SGF with step dt; 'sgd' minibatch SGD with "
+                              "eta = tau*batch.")
+    sampling = param.Selector(default="fresh", objects=list(SAMPLINGS),
+                              doc="SGD batches: 'fresh' independent batch every step (what the SGF "
+                                  "describes); 'reshuffle' epochs of random reshuffling (outside "
+                                  "the theory).")
+    seed = param.Integer(0, bounds=(0, 2**31 - 1), doc="Base random seed; seed s uses seed+s.")
+
+    def __init__(self, **params):
+        # tau and eta describe the same thing; apply batch first, then whichever of tau/eta given.
+        eta = params.pop("eta", None)
+        tau_given = "tau" in params
+        super().__init__(**params)
+        if eta is not None:
+            if tau_given and not math.isclose(eta, self.tau * self.batch, rel_tol=1e-9, abs_tol=1e-12):
+                raise ConfigError("eta", f"eta={eta} contradicts tau*batch={self.tau * self.batch}; "
+                                         "give tau or eta, not both")
+            self.eta = eta
+        else:
+            self._sync_eta()
+
+    # tau <-> eta, batch keeps tau. Guard against the watcher ping-pong.
+    _syncing = False
+
+    @param.depends("tau", "batch", watch=True)
+    def _sync_eta(self):
+        if self._syncing:
+            return
+        self._syncing = True
+        try:
+            self.eta = self.tau * self.batch
+        finally:
+            self._syncing = False
+
+    @param.depends("eta", watch=True)
+    def _sync_tau(self):
+        if self._syncing:
+            return
+        self._syncing = True
+        try:
+            self.tau = self.eta / self.batch
+        finally:
+            self._syncing = False
+
+    # --- derived quantities -----------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        """Number of samples of the simulation, n = round(delta*d) (at least 1)."""
+        return max(1, int(round(self.delta * self.d)))
+
+    @property
+    def steps(self) -> int:
+        """Number K of grid steps up to the horizon T."""
+        return max(1, int(round(self.T / self.dt)))
+
+    @property
+    def is_classification(self) -> bool:
+        return self.teacher == "sign"
+
+    def epochs(self, t):
+        """Passes over the data after time t: t/(tau*delta) for SGD/SGF; t/dt for GD (one per step)."""
+        if self.algo == "gd" or self.tau == 0:
+            return t / self.dt
+        return t / (self.tau * self.delta)
+
+    def sgd_steps(self, t):
+        """SGD steps after time t: t*d/eta (inf where eta = 0)."""
+        return t * self.d / self.eta if self.eta > 0 else t * math.inf
+
+    def resolved_method(self) -> str:
+        if self.method != "auto":
+            return self.method
+        return "exact" if (self.loss == "square" and self.teacher == "linear") else "mc"
+
+    # --- validation ---------------------------------------------------------------------------
+    def validate(self) -> "Experiment":
+        """Cross-field checks (single-field bounds are enforced by param on assignment)."""
+        for name, p in self.param.objects("existing").items():
+            v = getattr(self, name)
+            if isinstance(p, param.Number) and not isinstance(v, bool) and v is not None:
+                if not math.isfinite(v):
+                    raise ConfigError(name, f"must be a finite number, got {v}")
+        if self.m0 ** 2 > self.q0 * self.rho * (1 + 1e-12):
+            lim = math.sqrt(self.q0 * self.rho)
+            raise ConfigError("m0", f"needs m0^2 <= q0*rho, i.e. m0 in [{-lim:g}, {lim:g}] "
+                                    f"for q0={self.q0:g}, rho={self.rho:g}; got m0={self.m0:g}")
+        if self.loss == "logistic" and self.teacher != "sign":
+            raise ConfigError("loss", "logistic loss needs labels +-1: use teacher='sign' "
+                                      "(or loss='square')")
+        if self.dt > self.T:
+            raise ConfigError("dt", f"must be <= T={self.T:g}, got {self.dt:g}")
+        if self.algo == "sgd":
+            if self.tau <= 0:
+                raise ConfigError("tau", "SGD needs tau > 0 (eta = tau*batch > 0); use algo='gd' "
+                                         "for tau = 0")
+            if self.batch > self.n:
+                raise ConfigError("batch", f"must be in [1, n={self.n}] (n = delta*d), "
+                                           f"got {self.batch}")
+        if self.method == "exact" and not (self.loss == "square" and self.teacher == "linear"):
+            raise ConfigError("method", "'exact' applies to square loss with a linear teacher; "
+                                        "use 'auto', 'mc' or 'online'")
+        return self
+
+    # --- (de)serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.param if k != "name"}
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Experiment":
+        d = {k: v for k, v in d.items() if k in cls.param and k != "name"}
+        # eta is derived from tau and batch; a saved config holds both, tau wins.
+        if "tau" in d:
+            d.pop("eta", None)
+        return cls(**d)
+
+    def copy(self, **changes) -> "Experiment":
+        d = self.to_dict()
+        if "eta" in changes:
+            d.pop("tau")
+        d.pop("eta")
+        d.update(changes)
+        return type(self)(**d)
+
+
+def parameter_help(name: str) -> str:
+    """Help text with the valid range of a parameter, for CLIs and tooltips."""
+    p = Experiment.param[name]
+    text = p.doc or ""
+    if isinstance(p, param.Selector):
+        text += f" Choices: {', '.join(map(str, p.objects))}."
+    elif isinstance(p, param.Number) and p.bounds:
+        lo, hi = p.bounds
+        text += f" Range: [{lo}, {hi}]."
+    return text
