@@ -7,7 +7,6 @@ with status 2 and one line on stderr naming the parameter; never a traceback.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -65,21 +64,7 @@ def _add_experiment_options(parser, names):
 
 def experiment_from_args(args, names) -> Experiment:
     given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
-    try:
-        for k, v in given.items():
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(k, f"must be a finite number, got {v}")
-        return Experiment(**given).validate()
-    except ConfigError:
-        raise
-    except ValueError as e:  # param's bound messages name the parameter: "... 'Experiment.d' ..."
-        msg = str(e)
-        name = next((k for k in given if f"'Experiment.{k}'" in msg or f"'{k}'" in msg), "config")
-        lo_hi = ""
-        p = Experiment.param[name] if name in Experiment.param else None
-        if p is not None and getattr(p, "bounds", None):
-            lo_hi = f" (valid range [{p.bounds[0]}, {p.bounds[1]}])"
-        raise ConfigError(name, msg.replace("Experiment.", "") + lo_hi) from None
+    return Experiment.checked(**given)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--allow-websocket-origin", action="append", default=None)
     srv.add_argument("--show", action="store_true")
     srv.add_argument("--num-threads", type=int, default=None)
+    srv.add_argument("--liveness", action="store_true", help="serve /liveness for health checks")
     return parser
 
 
@@ -181,23 +167,32 @@ def main(argv=None) -> int:
     return _run_engine(args.command, exp, args.out, args.quiet)
 
 
-def serve(args) -> int:
-    """``panel serve`` on the app module, with the given network options."""
-    import subprocess
-
+def serve_command(args) -> list[str]:
+    """The ``panel serve`` command line for the dashboard with the given network options."""
     from app import main as app_main
 
     cmd = [sys.executable, "-m", "panel", "serve", app_main.__file__, "--port", str(args.port),
-           "--index", "main"]
+           "--index", app_main.__file__]
     if args.address:
         cmd += ["--address", args.address]
     for origin in args.allow_websocket_origin or []:
         cmd += ["--allow-websocket-origin", origin]
     if args.num_threads:
         cmd += ["--num-threads", str(args.num_threads)]
+    if args.liveness:
+        cmd += ["--liveness"]
     if args.show:
         cmd += ["--show"]
-    return subprocess.call(cmd)
+    return cmd
+
+
+def serve(args) -> int:
+    """Replace this process by ``panel serve`` (so signals from Docker reach the server)."""
+    cmd = serve_command(args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(cmd[0], cmd)
+    return 0  # pragma: no cover
 
 
 if __name__ == "__main__":

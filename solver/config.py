@@ -192,6 +192,37 @@ class Experiment(param.Parameterized):
                                         "use 'auto', 'mc' or 'online'")
         return self
 
+    @classmethod
+    def checked(cls, **params) -> "Experiment":
+        """Build and validate from untrusted values (CLI, URL, widgets, Python API).
+
+        Every rejection is a :class:`ConfigError` naming the parameter and its valid range.
+        Values are only compared and stored, never evaluated.
+        """
+        for k, v in params.items():
+            if k not in cls.param or k == "name":
+                raise ConfigError(k, f"unknown parameter; valid names: {', '.join(names())}")
+            p = cls.param[k]
+            if isinstance(p, param.Number) and not isinstance(p, param.Integer):
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise ConfigError(k, f"must be a number in {valid_range(k)}, got {v!r}")
+                if not math.isfinite(v):
+                    raise ConfigError(k, f"must be a finite number in {valid_range(k)}, got {v}")
+            if isinstance(p, param.Integer) and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ConfigError(k, f"must be an integer in {valid_range(k)}, got {v!r}")
+        try:
+            exp = cls(**params)
+        except ConfigError:
+            raise
+        except ValueError as e:
+            msg = str(e)
+            name = next((k for k in params if f"'{cls.__name__}.{k}'" in msg), None)
+            if name is None:
+                raise ConfigError("config", msg) from None
+            raise ConfigError(name, f"{msg.replace(cls.__name__ + '.', '')} "
+                                    f"Valid: {valid_range(name)}.") from None
+        return exp.validate()
+
     # --- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.param if k != "name"}
@@ -214,6 +245,20 @@ class Experiment(param.Parameterized):
         d.pop("eta")
         d.update(changes)
         return type(self)(**d)
+
+
+def names() -> list[str]:
+    """Every parameter name, in declaration order."""
+    return [k for k in Experiment.param if k != "name"]
+
+
+def valid_range(name: str) -> str:
+    """'[lo, hi]' for numbers, the choices for selectors."""
+    p = Experiment.param[name]
+    if isinstance(p, param.Selector):
+        return "{" + ", ".join(map(str, p.objects)) + "}"
+    lo, hi = p.bounds or (None, None)
+    return f"[{lo}, {hi}]"
 
 
 def parameter_help(name: str) -> str:
