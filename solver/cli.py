@@ -17,7 +17,8 @@ from .config import ConfigError, Experiment, parameter_help
 
 #: Experiment parameters that each subcommand exposes (others keep their defaults).
 SIM_PARAMS = ("loss", "teacher", "noise", "flip", "delta", "tau", "eta", "batch", "lam", "rho",
-              "q0", "m0", "T", "dt", "record_every", "d", "seeds", "algo", "sampling", "seed")
+              "q0", "m0", "T", "dt", "record_every", "d", "seeds", "algo", "sampling", "seed",
+              "model", "k", "kstar", "activation", "v")
 THEORY_PARAMS = SIM_PARAMS + ("samples", "method")
 
 
@@ -56,6 +57,8 @@ def _add_experiment_options(parser, names):
         kw = dict(dest=name, default=None, help=parameter_help(name))
         if isinstance(p, param.Selector):
             kw["choices"] = list(p.objects)
+        elif isinstance(p, param.List):
+            kw["metavar"] = "V1,V2,..."
         elif isinstance(p, (param.Number, param.Integer)):
             kw["type"] = _type_for(name, p)
             kw["metavar"] = name.upper() if len(name) > 1 else name

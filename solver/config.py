@@ -20,6 +20,8 @@ TEACHERS = ("linear", "sign")
 ALGOS = ("gd", "sgf", "sgd")
 SAMPLINGS = ("fresh", "reshuffle")
 METHODS = ("auto", "mc", "exact", "online")
+MODELS = ("glm", "committee")
+ACTIVATIONS = ("erf", "relu", "tanh")
 
 
 class ConfigError(ValueError):
@@ -47,6 +49,25 @@ class Experiment(param.Parameterized):
                        doc="Teacher second moment rho = E[theta*_i^2] (so Var h* = rho).")
 
     # --- model and loss ---------------------------------------------------------------------
+    model = param.Selector(default="glm", objects=list(MODELS),
+                           doc="Student: 'glm' generalised linear model (width k = 1); 'committee' "
+                               "two-layer network yhat = (1/k) sum_a v_a sigma(h_a) with a fixed "
+                               "second layer, square loss.")
+    k = param.Integer(2, bounds=(1, 16), doc="Committee: student width k (hidden units).")
+    kstar = param.Integer(2, bounds=(1, 16),
+                          doc="Committee: teacher width k*; teacher y = (1/k*) sum_b sigma(h*_b) "
+                              "+ noise*eps.")
+    activation = param.Selector(default="erf", objects=list(ACTIVATIONS),
+                                doc="Committee activation sigma: erf(x/sqrt 2), relu or tanh.")
+    v = param.List(default=[1.0], item_type=(int, float),
+                   doc="Committee second layer v (fixed): one value for all units, or k values.")
+    Q0 = param.Array(default=None, allow_None=True,
+                     doc="Committee: initial student overlap matrix Q(0) (k x k); None means q0*I.")
+    M0 = param.Array(default=None, allow_None=True,
+                     doc="Committee: initial teacher overlap matrix M(0) (k x k*); None means "
+                         "m0*I (unit a aligned with teacher unit a).")
+    rho_matrix = param.Array(default=None, allow_None=True,
+                             doc="Committee: teacher row covariance (k* x k*); None means rho*I.")
     loss = param.Selector(default="logistic", objects=list(LOSSES),
                           doc="Per-sample loss l(h, y): 'square' (h-y)^2/2, "
                               "'logistic' log(1+exp(-y h)) (needs labels +-1).")
@@ -171,13 +192,15 @@ class Experiment(param.Parameterized):
             if isinstance(p, param.Number) and not isinstance(v, bool) and v is not None:
                 if not math.isfinite(v):
                     raise ConfigError(name, f"must be a finite number, got {v}")
-        if self.m0 ** 2 > self.q0 * self.rho * (1 + 1e-12):
+        if self.model == "glm" and self.m0 ** 2 > self.q0 * self.rho * (1 + 1e-12):
             lim = math.sqrt(self.q0 * self.rho)
             raise ConfigError("m0", f"needs m0^2 <= q0*rho, i.e. m0 in [{-lim:g}, {lim:g}] "
                                     f"for q0={self.q0:g}, rho={self.rho:g}; got m0={self.m0:g}")
         if self.loss == "logistic" and self.teacher != "sign":
             raise ConfigError("loss", "logistic loss needs labels +-1: use teacher='sign' "
                                       "(or loss='square')")
+        if self.model == "committee":
+            self._validate_committee()
         if self.dt > self.T:
             raise ConfigError("dt", f"must be <= T={self.T:g}, got {self.dt:g}")
         if self.algo == "sgd":
@@ -203,6 +226,31 @@ class Experiment(param.Parameterized):
             if k not in cls.param or k == "name":
                 raise ConfigError(k, f"unknown parameter; valid names: {', '.join(names())}")
             p = cls.param[k]
+            if isinstance(p, param.List):
+                if isinstance(v, str):
+                    try:
+                        v = [float(x) for x in v.split(",") if x.strip()]
+                    except ValueError:
+                        raise ConfigError(k, f"must be comma-separated numbers, got {v!r}") from None
+                if (not isinstance(v, (list, tuple)) or not v
+                        or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                   and math.isfinite(x) for x in v)):
+                    raise ConfigError(k, f"must be a non-empty list of finite numbers, got {v!r}")
+                params[k] = [float(x) for x in v]
+                continue
+            if isinstance(p, param.Array):
+                if v is None:
+                    continue
+                try:
+                    import numpy as np
+
+                    arr = np.atleast_2d(np.asarray(v, dtype=float))
+                except (TypeError, ValueError):
+                    raise ConfigError(k, f"must be a matrix of numbers, got {v!r}") from None
+                if arr.ndim != 2 or not np.all(np.isfinite(arr)):
+                    raise ConfigError(k, "must be a 2-D matrix of finite numbers")
+                params[k] = arr
+                continue
             if isinstance(p, param.Number) and not isinstance(p, param.Integer):
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise ConfigError(k, f"must be a number in {valid_range(k)}, got {v!r}")
@@ -223,16 +271,76 @@ class Experiment(param.Parameterized):
                                     f"Valid: {valid_range(name)}.") from None
         return exp.validate()
 
+    def _validate_committee(self):
+        import numpy as np
+
+        if self.loss != "square" or self.teacher != "linear":
+            raise ConfigError("loss", "the committee model uses square loss and its own teacher: "
+                                      "set loss='square', teacher='linear'")
+        if len(self.v) not in (1, self.k):
+            raise ConfigError("v", f"needs 1 or k={self.k} values, got {len(self.v)}")
+        if not all(math.isfinite(x) for x in self.v):
+            raise ConfigError("v", "values must be finite")
+        Q0, M0, rho = self.overlaps0()
+        for name, A, shape in (("Q0", Q0, (self.k, self.k)), ("M0", M0, (self.k, self.kstar)),
+                               ("rho_matrix", rho, (self.kstar, self.kstar))):
+            if A.shape != shape:
+                raise ConfigError(name, f"must have shape {shape}, got {A.shape}")
+            if not np.all(np.isfinite(A)):
+                raise ConfigError(name, "entries must be finite")
+        for name, A in (("Q0", Q0), ("rho_matrix", rho)):
+            if not np.allclose(A, A.T):
+                raise ConfigError(name, "must be symmetric")
+        if np.linalg.eigvalsh(rho).min() <= 0:
+            raise ConfigError("rho_matrix", "must be positive definite")
+        # joint covariance of (theta(0), theta*) must be positive semi-definite
+        J = np.block([[Q0, M0], [M0.T, rho]])
+        if np.linalg.eigvalsh(J).min() < -1e-10 * max(1.0, np.abs(J).max()):
+            raise ConfigError("M0", "the initial overlaps [[Q0, M0], [M0^T, rho]] must form a "
+                                    "positive semi-definite matrix (for scalars: m0^2 <= q0*rho)")
+
+    def overlaps0(self):
+        """(Q(0), M(0), rho) as matrices; for the GLM 1x1."""
+        import numpy as np
+
+        if self.model == "glm":
+            return (np.array([[self.q0]]), np.array([[self.m0]]), np.array([[self.rho]]))
+        k, ks = self.k, self.kstar
+        Q0 = np.asarray(self.Q0, float) if self.Q0 is not None else self.q0 * np.eye(k)
+        M0 = (np.asarray(self.M0, float) if self.M0 is not None
+              else self.m0 * np.eye(k, ks))
+        rho = (np.asarray(self.rho_matrix, float) if self.rho_matrix is not None
+               else self.rho * np.eye(ks))
+        return np.atleast_2d(Q0), np.atleast_2d(M0), np.atleast_2d(rho)
+
+    def second_layer(self):
+        """v as an array of length k."""
+        import numpy as np
+
+        v = np.asarray(self.v, float)
+        return np.full(self.k, v[0]) if v.size == 1 else v
+
     # --- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.param if k != "name"}
+        out = {}
+        for k in self.param:
+            if k == "name":
+                continue
+            v = getattr(self, k)
+            out[k] = v.tolist() if hasattr(v, "tolist") else (list(v) if isinstance(v, list) else v)
+        return out
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Experiment":
+        import numpy as np
+
         d = {k: v for k, v in d.items() if k in cls.param and k != "name"}
+        for k in ("Q0", "M0", "rho_matrix"):
+            if d.get(k) is not None:
+                d[k] = np.asarray(d[k], float)
         # eta is derived from tau and batch; a saved config holds both, tau wins.
         if "tau" in d:
             d.pop("eta", None)

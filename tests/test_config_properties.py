@@ -3,12 +3,14 @@ rejected with a ConfigError that names the parameter and its valid range. Nothin
 import math
 
 import param
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from solver.config import ConfigError, Experiment, names, valid_range
 
-NAMES = [n for n in names() if n != "eta"]
+SCALARS = (param.Number, param.Integer, param.Selector)
+NAMES = [n for n in names() if n != "eta" and isinstance(Experiment.param[n], SCALARS)]
 
 anything = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
@@ -37,7 +39,8 @@ def test_garbage_is_rejected_with_named_parameter(kw):
     except ConfigError as e:
         assert e.param in kw or e.param in names(), e
         assert str(e).startswith(e.param)
-        if e.param in kw and e.param not in ("m0", "loss", "dt", "batch", "method", "tau", "eta"):
+        if e.param in kw and e.param not in ("m0", "loss", "dt", "batch", "method", "tau", "eta",
+                                             "M0", "v"):
             # single-field rejections state the valid range or choices
             assert valid_range(e.param) in str(e) or "Valid" in str(e), str(e)
     else:
@@ -52,7 +55,29 @@ def test_in_range_values_build_or_fail_cross_field(kw):
         exp = Experiment.checked(**kw)
     except ConfigError as e:
         # only cross-field rules may reject in-range values
-        assert e.param in ("m0", "loss", "dt", "batch", "method", "tau"), str(e)
+        assert e.param in ("m0", "loss", "dt", "batch", "method", "tau", "M0", "v"), str(e)
     else:
         assert exp.eta == exp.tau * exp.batch or math.isclose(exp.eta, exp.tau * exp.batch)
         assert exp.n >= 1 and exp.steps >= 1
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(v="1,abc"), "v"), (dict(v=[]), "v"), (dict(v=[1.0, float("nan")]), "v"),
+    (dict(Q0=[["a"]]), "Q0"), (dict(Q0=[[1.0, float("inf")]]), "Q0"),
+    (dict(model="committee", loss="square", teacher="linear", k=2, v=[1, 2, 3]), "v"),
+    (dict(model="committee", loss="square", teacher="linear", k=2, Q0=[[1.0]]), "Q0"),
+    (dict(model="committee", loss="square", teacher="linear", k=2, kstar=2,
+          Q0=[[0.1, 0], [0, 0.1]], M0=[[0.5, 0], [0, 0.5]]), "M0"),
+    (dict(model="committee", loss="logistic", teacher="sign"), "loss"),
+])
+def test_committee_inputs_rejected_with_name(kw, name):
+    with pytest.raises(ConfigError) as ei:
+        Experiment.checked(**kw)
+    assert ei.value.param == name
+
+
+def test_committee_accepts_lists_and_strings():
+    e = Experiment.checked(model="committee", loss="square", teacher="linear", k=2, kstar=1,
+                           v="1, 0.5", Q0=[[0.2, 0.05], [0.05, 0.1]], M0=[[0.1], [0.0]])
+    assert e.second_layer().tolist() == [1.0, 0.5]
+    assert e.overlaps0()[1].shape == (2, 1)
