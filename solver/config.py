@@ -352,7 +352,7 @@ class Experiment(param.Parameterized):
             d.pop("tau")
         d.pop("eta")
         d.update(changes)
-        return type(self)(**d)
+        return type(self).from_dict(d)
 
 
 def names() -> list[str]:
