@@ -122,6 +122,11 @@ class Experiment(param.Parameterized):
         # tau and eta describe the same thing; apply batch first, then whichever of tau/eta given.
         eta = params.pop("eta", None)
         tau_given = "tau" in params
+        for key in ("Q0", "M0", "rho_matrix"):  # accept nested lists (JSON, URL, Python API)
+            if isinstance(params.get(key), (list, tuple)):
+                import numpy as np
+
+                params[key] = np.atleast_2d(np.asarray(params[key], dtype=float))
         super().__init__(**params)
         if eta is not None:
             if tau_given and not math.isclose(eta, self.tau * self.batch, rel_tol=1e-9, abs_tol=1e-12):
