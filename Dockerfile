@@ -10,7 +10,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     NUMBA_CACHE_DIR=/var/cache/sgf-dmft/numba \
     BOKEH_ALLOW_WS_ORIGIN=localhost:5006
 
-RUN useradd --create-home --uid 10001 sgf
+# libgomp1: numba's OpenMP threading layer (without it numba falls back to 'workqueue', which
+# aborts when two sessions run parallel kernels at once).
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgomp1 \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --create-home --uid 10001 sgf
 WORKDIR /opt/sgf-dmft
 
 # Dependencies first (cached layer), pinned by the constraints file that CI and the README use.

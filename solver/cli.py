@@ -1,4 +1,4 @@
-"""Command line: ``sgf-dmft simulate | theory | serve``.
+"""Command line: ``sgf-dmft simulate | theory | sweep | serve``.
 
 Options are generated from :class:`solver.config.Experiment` (same names, ``_`` spelled ``-``),
 so the CLI, the dashboard and the solvers cannot disagree about a parameter. Invalid input exits
@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--out", required=True, help="output CSV (a JSON sidecar goes next to it)")
     th.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    sw = sub.add_parser("sweep", help="grid of theory (and simulation) runs -> summary table "
+                        "(docs/sweeps.md)")
+    _add_experiment_options(sw, THEORY_PARAMS)
+    from .sweep import add_arguments as _add_sweep_arguments
+
+    _add_sweep_arguments(sw)
+
     srv = sub.add_parser("serve", help="start the dashboard")
     srv.add_argument("--port", type=int, default=5006)
     srv.add_argument("--address", default=None)
@@ -157,6 +164,10 @@ def main(argv=None) -> int:
         return int(e.code or 0)
     if args.command == "serve":
         return serve(args)
+    if args.command == "sweep":
+        from .sweep import cli_main as _sweep_main
+
+        return _sweep_main(args, THEORY_PARAMS)
     names = SIM_PARAMS if args.command == "simulate" else THEORY_PARAMS
     try:
         exp = experiment_from_args(args, names)
@@ -172,10 +183,11 @@ def main(argv=None) -> int:
 
 def serve_command(args) -> list[str]:
     """The ``panel serve`` command line for the dashboard with the given network options."""
-    from app import main as app_main
+    from app import main as app_main  # cheap: the page is only built inside panel serve
+    from app import setup as app_setup
 
     cmd = [sys.executable, "-m", "panel", "serve", app_main.__file__, "--port", str(args.port),
-           "--index", app_main.__file__]
+           "--index", app_main.__file__, "--setup", app_setup.__file__]
     if args.address:
         cmd += ["--address", args.address]
     for origin in args.allow_websocket_origin or []:

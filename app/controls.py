@@ -1,0 +1,88 @@
+"""Sidebar widgets generated from :class:`solver.config.Experiment`.
+
+Every widget is linked both ways to the Experiment instance (``Widget.from_param``): the
+Experiment is the state, widgets only show and edit it. Ranges come from the parameters'
+``softbounds`` (slider range) and ``bounds`` (hard limits, typed values may go up to them);
+tooltips are the parameters' docs. Only presentation lives here (labels, slider steps, groups).
+"""
+from __future__ import annotations
+
+import math
+
+import panel as pn
+import param
+
+from solver.config import Experiment
+
+#: Sidebar groups: title -> Experiment parameters.
+GROUPS = (
+    ("Data and teacher", ("delta", "teacher", "noise", "flip", "rho")),
+    ("Model and loss", ("loss", "lam", "q0", "m0")),
+    ("Optimiser", ("tau", "batch", "eta")),
+    ("Time", ("T", "dt", "record_every")),
+    ("Theory accuracy", ("method", "samples")),
+    ("Simulation", ("d", "seeds", "seed")),
+)
+#: Every Experiment parameter the dashboard edits (and the URL carries).
+EDITED = tuple(n for _, names in GROUPS for n in names)
+#: Parameters kept in the URL (eta is derived from tau and batch).
+URL_PARAMS = tuple(n for n in EDITED if n != "eta")
+
+LABELS = {
+    "delta": "δ = n/d", "teacher": "Teacher", "noise": "Label noise σ",
+    "flip": "Flip probability p", "rho": "Teacher norm ρ", "loss": "Loss", "lam": "Ridge λ",
+    "q0": "Initial q₀", "m0": "Initial m₀", "tau": "Temperature τ = η/B", "batch": "Batch B",
+    "eta": "Learning rate η", "T": "Horizon T", "dt": "Grid step dt",
+    "record_every": "Record every", "method": "DMFT method", "samples": "MC samples N",
+    "d": "Dimension d", "seeds": "Seeds", "seed": "Base seed",
+}
+STEPS = {"delta": 0.1, "noise": 0.05, "flip": 0.01, "rho": 0.05, "lam": 0.01, "q0": 0.05,
+         "m0": 0.05, "tau": 0.05, "eta": 0.1, "T": 0.5, "dt": 0.005}
+INT_STEPS = {"batch": 1, "record_every": 1, "samples": 500, "d": 100, "seeds": 1, "seed": 1}
+
+
+def widget_for(exp: Experiment, name: str):
+    """A widget linked both ways to ``exp.<name>``."""
+    p = exp.param[name]
+    label = LABELS.get(name, name)
+    if isinstance(p, param.Selector):
+        opts = list(p.objects)
+        cls = pn.widgets.RadioButtonGroup if len(opts) <= 4 else pn.widgets.Select
+        style = dict(color="primary", button_style="outline") \
+            if cls is pn.widgets.RadioButtonGroup else {}
+        w = cls.from_param(p, label=label, sizing_mode="stretch_width", **style)
+        if cls is pn.widgets.RadioButtonGroup:
+            # a RadioButtonGroup shows no title of its own: put one above it
+            return pn.Column(pn.pane.HTML(f'<span class="sgf-wlabel">{label}</span>',
+                                          margin=(2, 10, 0, 10)), w, margin=0,
+                             sizing_mode="stretch_width")
+        return w
+    if isinstance(p, param.Integer):
+        return pn.widgets.EditableIntSlider.from_param(p, label=label, step=INT_STEPS.get(name, 1),
+                                                       sizing_mode="stretch_width")
+    step = STEPS.get(name, 0.01)
+    lo, hi = p.get_soft_bounds()
+    fmt = "0[.]000" if step < 0.01 else "0[.]00"
+    kw = {}
+    if lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi):
+        kw = dict(start=lo, end=hi)
+    return pn.widgets.EditableFloatSlider.from_param(p, label=label, step=step, format=fmt,
+                                                     sizing_mode="stretch_width", **kw)
+
+
+def inner_widget(w):
+    """The linked widget inside what :func:`widget_for` returned."""
+    if isinstance(w, pn.Column):
+        return w[-1]
+    return w
+
+
+def horizon_text(exp: Experiment) -> str:
+    """Live readout of what the horizon T means in epochs and SGD steps."""
+    epochs = exp.T / (exp.tau * exp.delta) if exp.tau > 0 else math.inf
+    steps = exp.T * exp.d / exp.eta if exp.eta > 0 else math.inf
+    ep = f"{epochs:,.3g}" if math.isfinite(epochs) else "∞ (τ = 0: gradient flow)"
+    st = f"{steps:,.0f}" if math.isfinite(steps) else "∞"
+    return (f'<div class="sgf-derived">Horizon T = {exp.T:g} means <b>{ep}</b> epochs '
+            f'(T/(τδ)) and <b>{st}</b> SGD steps (T·d/η) of batch {exp.batch}; '
+            f'n = δd = {exp.n:,} samples; {exp.steps:,} grid steps.</div>')
