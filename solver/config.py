@@ -187,6 +187,8 @@ class Experiment(param.Parameterized):
     def resolved_method(self) -> str:
         if self.method != "auto":
             return self.method
+        if self.model == "committee":
+            return "mc"
         return "exact" if (self.loss == "square" and self.teacher == "linear") else "mc"
 
     # --- validation ---------------------------------------------------------------------------
@@ -215,7 +217,8 @@ class Experiment(param.Parameterized):
             if self.batch > self.n:
                 raise ConfigError("batch", f"must be in [1, n={self.n}] (n = delta*d), "
                                            f"got {self.batch}")
-        if self.method == "exact" and not (self.loss == "square" and self.teacher == "linear"):
+        if self.method == "exact" and (self.model == "committee" or not (
+                self.loss == "square" and self.teacher == "linear")):
             raise ConfigError("method", "'exact' applies to square loss with a linear teacher; "
                                         "use 'auto', 'mc' or 'online'")
         return self
