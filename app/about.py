@@ -79,6 +79,8 @@ def parameter_table() -> str:
             p = Experiment.param[n]
             if isinstance(p, param.Selector):
                 rng = ", ".join(map(str, p.objects))
+            elif isinstance(p, param.List):
+                rng = "1 or k numbers"
             else:
                 lo, hi = p.bounds or (None, None)
                 rng = f"[{lo:g}, {hi:g}]" if lo is not None else ""

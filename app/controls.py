@@ -16,8 +16,10 @@ from solver.config import Experiment
 
 #: Sidebar groups: title -> Experiment parameters.
 GROUPS = (
+    # Model after the data: the browser test types into the first numeric input (delta)
     ("Data and teacher", ("delta", "teacher", "noise", "flip", "rho")),
-    ("Model and loss", ("loss", "lam", "q0", "m0")),
+    ("Model", ("model", "k", "kstar", "activation", "v")),
+    ("Loss and initialisation", ("loss", "lam", "q0", "m0")),
     ("Optimiser", ("tau", "batch", "eta")),
     ("Time", ("T", "dt", "record_every")),
     ("Theory accuracy", ("method", "samples")),
@@ -28,7 +30,12 @@ EDITED = tuple(n for _, names in GROUPS for n in names)
 #: Parameters kept in the URL (eta is derived from tau and batch).
 URL_PARAMS = tuple(n for n in EDITED if n != "eta")
 
+#: Parameters that only the committee model uses (shown only when model = 'committee').
+COMMITTEE_ONLY = ("k", "kstar", "activation", "v")
+
 LABELS = {
+    "model": "Student model", "k": "Student width k", "kstar": "Teacher width k*",
+    "activation": "Activation σ", "v": "Second layer v (comma-separated)",
     "delta": "δ = n/d", "teacher": "Teacher", "noise": "Label noise σ",
     "flip": "Flip probability p", "rho": "Teacher norm ρ", "loss": "Loss", "lam": "Ridge λ",
     "q0": "Initial q₀", "m0": "Initial m₀", "tau": "Temperature τ = η/B", "batch": "Batch B",
@@ -57,6 +64,10 @@ def widget_for(exp: Experiment, name: str):
                                           margin=(2, 10, 0, 10)), w, margin=0,
                              sizing_mode="stretch_width")
         return w
+    if isinstance(p, param.List):
+        # edited as text ("1,0.5"); the dashboard parses it (see Dashboard._on_v_text)
+        return pn.widgets.TextInput(label=label, value=list_text(getattr(exp, name)),
+                                    description=p.doc, sizing_mode="stretch_width")
     if isinstance(p, param.Integer):
         return pn.widgets.EditableIntSlider.from_param(p, label=label, step=INT_STEPS.get(name, 1),
                                                        sizing_mode="stretch_width")
@@ -68,6 +79,11 @@ def widget_for(exp: Experiment, name: str):
         kw = dict(start=lo, end=hi)
     return pn.widgets.EditableFloatSlider.from_param(p, label=label, step=step, format=fmt,
                                                      sizing_mode="stretch_width", **kw)
+
+
+def list_text(values) -> str:
+    """A list of numbers as the text a TextInput shows: [1.0, 0.5] -> '1,0.5'."""
+    return ",".join(f"{float(x):g}" for x in values)
 
 
 def inner_widget(w):

@@ -23,7 +23,8 @@ from solver.config import ConfigError, Experiment
 
 from . import export, plots, presets
 from .about import about_panel
-from .controls import GROUPS, URL_PARAMS, horizon_text, inner_widget, widget_for
+from .controls import (COMMITTEE_ONLY, GROUPS, URL_PARAMS, horizon_text, inner_widget,
+                       list_text, widget_for)
 from .runner import Runner
 from .store import SIMS, THEORY, Store, plan_jobs
 
@@ -71,6 +72,9 @@ class Dashboard(pn.viewable.Viewer):
         self.curve_pipe = hv.streams.Pipe(data={})
         self.dist_pipe = hv.streams.Pipe(data={})
         self.kernel_pipe = hv.streams.Pipe(data={})
+        self.overlap_pipe = hv.streams.Pipe(data={})
+        self._overlap_key = None
+        self.last_overlap_data: dict = {}
         self._dist_specs = None
         self.last_curve_data: dict = {}
         self._curves_dirty = False
@@ -120,6 +124,11 @@ class Dashboard(pn.viewable.Viewer):
                 w = widget_for(exp, n)
                 self.param_widgets[n] = w
                 ws.append(w)
+            if title == "Model":
+                self.model_note = pn.pane.HTML("", sizing_mode="stretch_width", margin=(0, 10),
+                                               visible=False)
+                ws.append(self.model_note)
+                self.param_widgets["v"].param.watch(self._on_v_text, "value")
             if title == "Optimiser":
                 self.horizon = pn.pane.HTML(horizon_text(exp), sizing_mode="stretch_width",
                                             margin=(0, 10))
@@ -188,15 +197,56 @@ class Dashboard(pn.viewable.Viewer):
                                    sizing_mode="stretch_width", margin=(0, 10))
 
     def _on_exp_change(self, *events):
-        self.horizon.object = horizon_text(self.experiment)
-        if any(e.name in ("teacher", "loss", "model") for e in events):
+        exp = self.experiment
+        self.horizon.object = horizon_text(exp)
+        names = {e.name for e in events}
+        if "model" in names and exp.model == "committee" and (
+                exp.loss != "square" or exp.teacher != "linear"):
+            # the committee is defined for square loss and its own (linear + noise) teacher
+            exp.param.update(loss="square", teacher="linear")
+        if "v" in names:
+            w = self.param_widgets["v"]
+            if w.value != list_text(exp.v):
+                w.value = list_text(exp.v)
+        if names & {"teacher", "loss", "model"}:
             self._update_relevance()
 
+    def _on_v_text(self, event):
+        """Parse the second layer typed as '1,0.5' into exp.v (invalid text: an alert)."""
+        try:
+            v = Experiment.checked(v=event.new).v if event.new.strip() else None
+        except ConfigError as e:
+            v, msg = None, str(e)
+        else:
+            msg = "v: must be one number or k comma-separated numbers, e.g. 1,0.5"
+        if v is None:
+            self.show_alert(f"<b>Second layer v not applied</b>: {msg}", kind="warning")
+            return
+        if list(v) != list(self.experiment.v):
+            self.experiment.v = list(v)
+        if self.alert.visible and "Second layer v" in str(self.alert.object):
+            self.hide_alert()
+
     def _update_relevance(self):
-        """Disable widgets that the current teacher does not use."""
+        """Show or disable the widgets that the current model and teacher use."""
         exp = self.experiment
+        committee = exp.model == "committee"
+        for n in COMMITTEE_ONLY:
+            self.param_widgets[n].visible = committee
+        # the committee fixes the loss (square) and the teacher (linear + label noise)
+        inner_widget(self.param_widgets["loss"]).disabled = committee
+        inner_widget(self.param_widgets["teacher"]).disabled = committee
         inner_widget(self.param_widgets["noise"]).disabled = exp.teacher != "linear"
         inner_widget(self.param_widgets["flip"]).disabled = exp.teacher != "sign"
+        self.model_note.visible = committee
+        if committee:
+            self.model_note.object = (
+                '<div class="sgf-note">Two-layer committee ŷ = (1/k) Σₐ vₐ σ(hₐ) with a fixed '
+                'second layer, trained with the <b>square loss</b> on the <b>teacher</b> '
+                'y = (1/k*) Σ_b σ(h*_b) + σ ε: loss and teacher are set to square / linear '
+                '(and locked) while this model is selected. ρ, q₀, m₀ set ρ·I, q₀·I, m₀·I. '
+                'The Monte Carlo DMFT needs a smooth σ (erf, tanh); for relu use the DMFT '
+                'method \'online\'.</div>')
 
     def _on_preset(self, event):
         self.apply_preset(event.new)
@@ -246,8 +296,22 @@ class Dashboard(pn.viewable.Viewer):
                                  'to the chosen one.</div>', sizing_mode="stretch_width"),
                              sizing_mode="stretch_width")
         kern_tab = pn.Column(self.kernel_note, self.kernels_pane, sizing_mode="stretch_width")
+        self.overlaps_pane = pn.pane.HoloViews(None, sizing_mode="stretch_width", min_height=300)
+        self.overlap_note = pn.pane.HTML("", sizing_mode="stretch_width")
+        overlaps_tab = pn.Column(
+            pn.Row(self.time_player, self.follow_widget), self.overlap_note, self.overlaps_pane,
+            pn.pane.HTML('<div class="sgf-note">Overlap matrices of the committee machine at '
+                         'the time chosen with the player (the same as in the '
+                         '<i>Distributions</i> tab; it follows the latest time while a run '
+                         'streams unless you move it): left the '
+                         'student-student overlaps Q, right the student-teacher overlaps M; '
+                         'theory (DMFT, or the online ODEs) and each simulation (mean over '
+                         'seeds) at the recorded time nearest to the chosen one.</div>',
+                         sizing_mode="stretch_width"),
+            sizing_mode="stretch_width")
         self.tabs = pn.Tabs(("Curves", curves_tab), ("Distributions", dist_tab),
-                            ("Kernels", kern_tab), ("About", about_panel()),
+                            ("Kernels", kern_tab), ("Overlaps", overlaps_tab),
+                            ("About", about_panel()),
                             sizing_mode="stretch_width", dynamic=True)
         self.main = pn.Column(self.alert, self.tabs, sizing_mode="stretch_width")
         self.sidebar = pn.Column(
@@ -280,10 +344,14 @@ class Dashboard(pn.viewable.Viewer):
             specs = plots.specs_for(rs) if self.store.runs else self._planned_specs()
             classification = (any(r.classification for r, _ in rs) if rs
                               else self.experiment.is_classification)
-            obs = tuple(o for o in plots.CURVES if o != "test_error" or classification)
-            key = (tuple(specs), self.xaxis, self.logx, self.logy, obs)
+            committee = (any(r.committee for r, _ in rs) if rs
+                         else self.experiment.model == "committee")
+            obs = tuple(o for o in plots.CURVES
+                        if o != "test_error" or classification or committee)
+            key = (tuple(specs), self.xaxis, self.logx, self.logy, obs, committee)
             if force or self.grid is None or self.grid.key != key:
-                self.grid = plots.CurveGrid(specs, self.xaxis, self.logx, self.logy, obs)
+                self.grid = plots.CurveGrid(specs, self.xaxis, self.logx, self.logy, obs,
+                                            committee=committee)
                 self.curve_pipe = self.grid.pipe
                 self.curves_pane.object = self.grid.layout
                 self.legend.object = plots.legend_html(specs)
@@ -300,10 +368,53 @@ class Dashboard(pn.viewable.Viewer):
                 self.dist_legend.object = plots.dist_legend_html(list(dspecs))
             else:
                 self._send_dists()
+            self._rebuild_overlaps(force)
             if self.kernels_pane.object is None:
                 self.kernels_pane.object = plots.kernels_layout(self.kernel_pipe)
             self.kernel_pipe.send(self._kernel_data())
             self._update_runs_view()
+
+    def _rebuild_overlaps(self, force: bool = False):
+        """Overlap heatmaps of the current run (committee only): one row per series."""
+        cur = self.store.current
+        if cur is None or not cur.committee:
+            self._overlap_key = None
+            self.overlaps_pane.object = None
+            self.overlaps_pane.visible = False
+            self.overlap_note.object = (
+                '<div class="sgf-note">The overlap matrices Q (k×k) and M (k×k*) appear here '
+                'for runs of the committee model (sidebar: Model → committee).</div>')
+            return
+        specs = tuple(sp for sp in plots.specs_for([(cur, 0)]))
+        e = next(iter(cur.series.values())).exp
+        key = (specs, e.k, e.kstar)
+        self.overlap_note.object = ""
+        self.overlaps_pane.visible = True
+        if force or key != self._overlap_key:
+            self._overlap_key = key
+            self.overlap_pipe = hv.streams.Pipe(data=self._overlap_data())
+            self.overlaps_pane.object = plots.overlaps_layout(self.overlap_pipe, list(specs),
+                                                              e.k, e.kstar)
+        else:
+            self._send_overlaps()
+
+    def _overlap_data(self) -> dict:
+        """sid -> {'t', 'Q', 'M'} of the current run at the chosen time."""
+        cur = self.store.current
+        if not cur or not cur.committee:
+            return {}
+        t = self.time_player.value if hasattr(self, "time_player") else 0.0
+        out = {}
+        for key, s in cur.series.items():
+            hit = s.overlaps_at(t if t is not None else 0.0)
+            if hit:
+                out[plots.sid(0, key)] = {"t": hit[0], "Q": hit[1], "M": hit[2]}
+        self.last_overlap_data = out
+        return out
+
+    def _send_overlaps(self):
+        if self._overlap_key is not None:
+            self.overlap_pipe.send(self._overlap_data())
 
     def _planned_specs(self) -> list:
         """The series the next Run will draw (so that the first Run needs no new plots)."""
@@ -331,6 +442,8 @@ class Dashboard(pn.viewable.Viewer):
         ts = set()
         for s in cur.series.values():  # engines may report the same time with rounding noise
             ts.update(round(t, 9) for t in s.dists.keys())
+            if cur.committee:  # the overlap heatmaps exist at every recorded time
+                ts.update(round(t, 9) for t in s.t)
         return sorted(ts)
 
     def _dist_data(self):
@@ -366,6 +479,7 @@ class Dashboard(pn.viewable.Viewer):
     def _send_dists(self):
         t0 = time.perf_counter()
         self.dist_pipe.send(self._dist_data())
+        self._send_overlaps()
         self._dists_dirty = False
         cost = time.perf_counter() - t0
         self._next_dist_draw = time.perf_counter() + max(self.period_ms / 1000.0, 3.0 * cost)
@@ -492,7 +606,7 @@ class Dashboard(pn.viewable.Viewer):
                 kt = s.kernels_t if s else None
                 if run.apply(ev):
                     self._curves_dirty = True
-                    dists |= len(s.dists) != nd
+                    dists |= len(s.dists) != nd or run.committee
                     kern |= s.kernels_t != kt
             now = time.perf_counter()
             if self._curves_dirty and (now >= self._next_draw or not self.runner.busy()):

@@ -30,6 +30,12 @@ YLABELS = {"train_loss": "training loss", "test_loss": "test loss",
 TITLES = {"train_loss": "Training loss", "test_loss": "Test loss",
           "test_error": "Test (classification) error", "m": "Teacher overlap m(t)",
           "Q": "Self-overlap Q(t) = C(t,t)", "cosine": "Cosine similarity m/√(Qρ)"}
+#: Titles and axis labels that differ for the committee machine (model = 'committee').
+COMMITTEE_TITLES = {"test_error": "Generalisation error ε_g",
+                    "m": "Mean teacher overlap tr M / k", "Q": "Mean self-overlap tr Q / k",
+                    "cosine": "Cosine tr M / √(tr Q tr ρ)"}
+COMMITTEE_YLABELS = {"test_error": "generalisation error", "m": "tr M / k", "Q": "tr Q / k",
+                     "cosine": "cosine"}
 XLABELS = {"t": "time t (= steps·η/d)", "epochs": "epochs (passes over the data)",
            "sgd_steps": "optimiser steps (SGD t·d/η, GD t/dt)"}
 MAX_MARKERS = 24
@@ -63,8 +69,8 @@ def xdim(axis: str) -> hv.Dimension:
     return hv.Dimension(axis, label=XLABELS.get(axis, axis))
 
 
-def _ydim(obs: str) -> hv.Dimension:
-    return hv.Dimension(obs, label=YLABELS.get(obs, obs))
+def _ydim(obs: str, labels=None) -> hv.Dimension:
+    return hv.Dimension(obs, label=(labels or {}).get(obs) or YLABELS.get(obs, obs))
 
 
 def _sedim(obs: str) -> hv.Dimension:
@@ -99,11 +105,14 @@ class CurveGrid:
     """
 
     def __init__(self, specs: list[SeriesSpec], axis: str, logx=False, logy=False,
-                 observables=CURVES, height=270):
+                 observables=CURVES, height=270, committee: bool = False):
         self.specs = list(specs)
         self.axis, self.logx, self.logy = axis, logx, logy
         self.observables = tuple(observables)
-        self.key = (tuple(self.specs), axis, logx, logy, self.observables)
+        self.committee = committee
+        self.titles = {**TITLES, **(COMMITTEE_TITLES if committee else {})}
+        self.ylabels = COMMITTEE_YLABELS if committee else {}
+        self.key = (tuple(self.specs), axis, logx, logy, self.observables, committee)
         self.pipe = hv.streams.Pipe(data={})
         self._templates = {obs: self._build(obs, height) for obs in self.observables}
         self.layout = hv.Layout([
@@ -111,7 +120,7 @@ class CurveGrid:
             for obs in self.observables]).cols(3)  # shared_axes, merge_tools: the defaults
 
     def _build(self, obs, height):
-        X, Y, S = xdim(self.axis), _ydim(obs), _sedim(obs)
+        X, Y, S = xdim(self.axis), _ydim(obs, self.ylabels), _sedim(obs)
         T = hv.Dimension("t", label="t")
         vd = [Y, S] if self.axis == "t" else [Y, S, T]
         common = dict(responsive=True, min_height=height, height=height, framewise=True,
@@ -144,7 +153,7 @@ class CurveGrid:
                     **common)))
         if not els:
             els.append((None, "none", hv.Curve(empty2, X, Y).opts(**common, **tools)))
-        ov = hv.Overlay([e for _, _, e in els]).opts(title=TITLES.get(obs, obs), **common)
+        ov = hv.Overlay([e for _, _, e in els]).opts(title=self.titles.get(obs, obs), **common)
         return els, ov
 
     def frame(self, obs: str, data: dict) -> hv.Overlay:
@@ -310,6 +319,58 @@ def kernels_layout(pipe, names=("C", "R", "Gamma")):
     return hv.Layout(dms).cols(len(names)).opts(shared_axes=True)
 
 
+# --- committee overlaps -------------------------------------------------------------------
+OVERLAP_TITLES = {"Q": "Q = θᵀθ/d (student-student)", "M": "M = θᵀθ*/d (student-teacher)"}
+
+
+def overlap_heatmap(which: str, label: str, entry: dict | None, k: int, kstar: int):
+    """Heatmap of one overlap matrix (which = 'Q', k x k, or 'M', k x k*) with its values
+    written in the cells; rows: student unit a, columns: unit b (student for Q, teacher for
+    M). ``entry``: {'t', 'Q', 'M'} or None (empty matrix)."""
+    rows, cols = (k, k) if which == "Q" else (k, kstar)
+    A = np.full((rows, cols), np.nan)
+    t = None
+    if entry and entry.get(which) is not None:
+        B = np.asarray(entry[which], float)
+        A[:min(rows, B.shape[0]), :min(cols, B.shape[1])] = B[:rows, :cols]
+        t = entry.get("t")
+    col_name = "student unit b" if which == "Q" else "teacher unit b"
+    bs, as_ = np.meshgrid(np.arange(cols), np.arange(rows))
+    data = {"b": bs.ravel().astype(str), "a": as_.ravel().astype(str), "value": A.ravel()}
+    kd = [hv.Dimension("b", label=col_name), hv.Dimension("a", label="student unit a")]
+    vd = [hv.Dimension(which, label=which)]
+    vals = A[np.isfinite(A)]
+    lim = float(np.abs(vals).max()) if vals.size else 1.0
+    # a wider colour range than the data keeps the cells mid-tone, so the black values in them
+    # stay readable
+    lim = 1.5 * lim if lim > 0 else 1.0
+    title = f"{label}: {OVERLAP_TITLES[which]}"
+    if t is not None:
+        title += f" at t = {t:.3g}"
+    hm = hv.HeatMap((data["b"], data["a"], data["value"]), kd, vd).opts(
+        cmap="RdBu_r", clim=(-lim, lim), colorbar=True, tools=["hover"], title=title,
+        framewise=True, responsive=True, min_height=260, height=260, invert_yaxis=True,
+        xlabel=col_name, ylabel="student unit a")
+    text = np.array([f"{x:.3g}" if np.isfinite(x) else "" for x in data["value"]])
+    labels = hv.Labels((data["b"], data["a"], text), kd, hv.Dimension("text")).opts(
+        text_font_size="11pt", text_color="black")
+    return hm * labels
+
+
+def overlaps_layout(pipe, specs: list[SeriesSpec], k: int, kstar: int):
+    """Q and M heatmaps (columns), one row per series (theory first), fed by ``pipe``."""
+    dms = []
+    for sp in specs:
+        for which in ("Q", "M"):
+            def cb(data, sp=sp, which=which):
+                return overlap_heatmap(which, sp.label, (data or {}).get(sp.sid), k, kstar)
+            dms.append(hv.DynamicMap(cb, streams=[pipe]))
+    if not dms:
+        dms = [hv.DynamicMap(lambda data: overlap_heatmap("Q", "—", None, k, kstar),
+                             streams=[pipe])]
+    return hv.Layout(dms).cols(2).opts(shared_axes=False)
+
+
 # --- data the pipes carry -------------------------------------------------------------
 def sid(style: int, key: str) -> str:
     """Series id in the pipes' data: positional (the live run is style 0), so that a new Run
@@ -393,5 +454,5 @@ def dash_svg(style: int, color="#444") -> str:
 
 
 __all__ = ["SeriesSpec", "CurveGrid", "curve_overlay", "dist_overlay", "dists_layout",
-           "kernel_plot", "kernels_layout", "curve_data", "specs_for", "legend_html",
+           "kernel_plot", "kernels_layout", "overlap_heatmap", "overlaps_layout", "curve_data", "specs_for", "legend_html",
            "dash_svg", "COLORS"]

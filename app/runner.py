@@ -147,7 +147,9 @@ def _run_job(run_id: int, job: Job, fn: StreamFn, cancel: threading.Event,
     except Exception as e:  # noqa: BLE001 - every failure is shown to the user, never raised
         from solver.snapshot import SolverError
 
-        if isinstance(e, SolverError):
+        from solver.config import ConfigError
+
+        if isinstance(e, (SolverError, ConfigError)):
             msg = str(e)
         else:
             log.error("engine %s failed:\n%s", job.key, traceback.format_exc())

@@ -49,6 +49,12 @@ def plan_jobs(exp: Experiment, sims, gd_theory: bool = True) -> list[Job]:
     theory of gradient descent with step dt.
     """
     exp.validate()
+    if (exp.model == "committee" and exp.activation == "relu"
+            and exp.resolved_method() == "mc"):
+        raise ConfigError("method", "the Monte Carlo DMFT of the committee needs a smooth "
+                                    "activation (erf, tanh): relu'' has a delta mass at 0. "
+                                    "Set the DMFT method to 'online' (the online ODEs, δ → ∞, "
+                                    "which handle relu) or pick erf / tanh")
     records = exp.steps // exp.record_every + 1
     if records > MAX_RECORDS:
         raise ConfigError("record_every", f"T/dt/record_every = {records} recording times is "
@@ -187,6 +193,27 @@ class Series:
             out.append(r)
         return out
 
+    def overlaps_at(self, t: float) -> tuple[float, np.ndarray, np.ndarray] | None:
+        """Committee overlap matrices (t, Q (k x k), M (k x k*)) at the recorded time nearest
+        to t, from the snapshot entries ``Q_a_b``, ``M_a_b`` (NaN where an entry is missing);
+        None for the GLM or before the first snapshot."""
+        if self.exp.model != "committee" or not self.t:
+            return None
+        ts = np.asarray(self.t, float)
+        i = int(np.argmin(np.abs(ts - t)))
+        k, ks = self.exp.k, self.exp.kstar
+
+        def matrix(prefix, rows, cols):
+            A = np.full((rows, cols), np.nan)
+            for a in range(rows):
+                for b in range(cols):
+                    col = self.values.get(f"{prefix}_{a}_{b}")
+                    if col is not None and i < len(col):
+                        A[a, b] = col[i]
+            return A
+
+        return float(ts[i]), matrix("Q", k, k), matrix("M", k, ks)
+
     def dist_at(self, t: float) -> tuple[float, dict] | None:
         """Distributions at the recorded time nearest to t."""
         if not self.dists:
@@ -213,13 +240,14 @@ class Run:
     visible: bool = True
     style: int = 0          # index into the dash/marker styles of kept runs
     classification: bool = True
+    committee: bool = False
 
     @classmethod
     def from_jobs(cls, jobs: list[Job], exp: Experiment, sims, run_id: int, t_start=None):
         series = OrderedDict((j.key, Series(j.key, j.kind, j.exp, j.label)) for j in jobs)
         return cls(id=run_id, label=f"run {run_id}", config=exp.to_dict(), sims=list(sims),
                    series=series, t_start=t_start or time.perf_counter(),
-                   classification=exp.is_classification)
+                   classification=exp.is_classification, committee=exp.model == "committee")
 
     def apply(self, ev: Event) -> bool:
         """Apply a runner event; True if curves changed."""
@@ -290,6 +318,10 @@ class Run:
         parts = [f"{c.get('loss')}/{c.get('teacher')}", f"δ={c.get('delta'):g}",
                  f"τ={c.get('tau'):g}", f"B={c.get('batch')}", f"λ={c.get('lam'):g}",
                  f"T={c.get('T'):g}", f"d={c.get('d')}"]
+        if c.get("model") == "committee":
+            v = ",".join(f"{float(x):g}" for x in c.get("v") or [])
+            parts.insert(0, f"committee k={c.get('k')}, k*={c.get('kstar')}, "
+                            f"{c.get('activation')}, v={v}")
         return ", ".join(parts)
 
 

@@ -142,6 +142,9 @@ def _run_engine(kind, exp, out, quiet):
         for snap in stream(exp):
             res.append(snap)
             bar(snap.progress)
+    except ConfigError as e:  # a setting this engine cannot handle (found when it starts)
+        sys.stderr.write(f"sgf-dmft: error: {e}\n")
+        return 2
     except SolverError as e:
         res.status, res.message = "stopped", str(e)
         sys.stderr.write(f"\nsgf-dmft {kind}: {e}\n")

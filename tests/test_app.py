@@ -212,8 +212,11 @@ def test_presets_are_data_and_all_validate():
         exp = presets.build(p)
         jobs = plan_jobs(exp, p["sims"], p.get("gd_theory", True))
         assert jobs[0].key == THEORY
-        # small enough for a few seconds on 2 cores
-        assert exp.d <= 1000 and exp.seeds <= 4 and exp.samples <= 4000 and exp.T <= 40, name
+        # small enough for a few seconds on 2 cores (the committee preset: a long horizon,
+        # but the cheap online theory and d = 300; about 12 s measured)
+        assert exp.d <= 1000 and exp.seeds <= 4 and exp.samples <= 4000, name
+        assert exp.T <= 40 or (exp.model == "committee" and exp.resolved_method() == "online"
+                               and exp.d <= 300 and exp.T / exp.dt <= 400), name
 
 
 def test_applying_a_preset_resets_other_parameters():
@@ -524,4 +527,166 @@ def test_real_engines_plotted_values_match_a_direct_solver_call():
             np.testing.assert_allclose(v, getattr(res, obs), rtol=1e-10, atol=1e-14)
             np.testing.assert_allclose(np.nan_to_num(se), np.nan_to_num(res.se[obs]),
                                        rtol=1e-10, atol=1e-14)
+    d.close()
+
+
+# --- the committee machine ------------------------------------------------------------------
+COMMITTEE = "Committee machine: plateau and escape"
+
+
+def committee_values(kind, exp, t):
+    """Fake committee snapshot values: scalars plus every entry Q_a_b, M_a_b, distinct per
+    entry, time and engine (so that a transposed or mixed-up matrix shows)."""
+    shift = 0.0 if kind == "theory" else 0.5
+    vals = {"train_loss": 0.1, "test_loss": 0.2, "test_error": 0.1 * math.exp(-t), "m": 0.0,
+            "Q": 0.0, "cosine": 0.0}
+    for a in range(exp.k):
+        for b in range(exp.k):
+            vals[f"Q_{a}_{b}"] = 10 * a + b + t + shift
+        for b in range(exp.kstar):
+            vals[f"M_{a}_{b}"] = -(10 * a + b) - t - shift
+    return vals
+
+
+def make_committee_fake(kind):
+    def stream(exp, cancel=None):
+        for j in range(0, exp.steps + 1, exp.record_every):
+            t = j * exp.dt
+            vals = committee_values(kind, exp, t)
+            yield Snapshot(t=t, step=j, epochs=exp.epochs(t), values=vals,
+                           se={n: 0.01 for n in vals}, extras={}, engine=f"fake-{kind}",
+                           progress=j / exp.steps)
+    return stream
+
+
+def committee_exp(**kw):
+    base = dict(model="committee", loss="square", teacher="linear", k=2, kstar=3, T=1.0,
+                dt=0.25, d=50, seeds=1, method="online")
+    base.update(kw)
+    return Experiment(**base)
+
+
+def test_committee_widgets_appear_and_fix_loss_and_teacher():
+    d = dashboard()
+    w = d.param_widgets
+    assert d.experiment.loss == "logistic" and d.experiment.teacher == "sign"
+    assert not any(w[n].visible for n in ("k", "kstar", "activation", "v"))
+    assert not d.model_note.visible
+    d.experiment.model = "committee"
+    assert all(w[n].visible for n in ("k", "kstar", "activation", "v"))
+    assert d.experiment.loss == "square" and d.experiment.teacher == "linear"
+    assert d.model_note.visible and "square loss" in d.model_note.object
+    from app.controls import inner_widget
+    assert inner_widget(w["loss"]).disabled and inner_widget(w["teacher"]).disabled
+    d.experiment.validate()
+    # the second layer is typed as text
+    w["v"].value = "1, 0.5"
+    assert d.experiment.v == [1.0, 0.5]
+    w["v"].value = "1,abc"
+    assert d.experiment.v == [1.0, 0.5] and d.alert.visible and "v" in d.alert.object
+    w["v"].value = "2"
+    assert d.experiment.v == [2.0] and not d.alert.visible
+    d.experiment.v = [0.5, 1.5]
+    assert w["v"].value == "0.5,1.5"
+    d.experiment.model = "glm"
+    assert not w["k"].visible and not inner_widget(w["loss"]).disabled
+    d.close()
+
+
+def test_committee_preset_validates_and_applies():
+    p = presets.presets()[COMMITTEE]
+    exp = presets.build(p)
+    assert (exp.model, exp.k, exp.kstar, exp.activation, exp.second_layer().tolist()) == \
+        ("committee", 2, 2, "erf", [1.0, 1.0])
+    assert (exp.rho, exp.q0, exp.m0, exp.lam, exp.noise) == (4.0, 0.05, 0.1, 0.0, 0.0)
+    assert exp.loss == "square" and exp.teacher == "linear"
+    assert "online" in p["description"]
+    jobs = plan_jobs(exp, p["sims"], p["gd_theory"])
+    assert [j.key for j in jobs] == [THEORY] + p["sims"]
+    d = dashboard()
+    d.apply_preset(COMMITTEE)
+    assert d.experiment.model == "committee" and d.param_widgets["k"].visible
+    assert d.param_widgets["v"].value == "1"
+    d.apply_preset(presets.default_name())
+    assert d.experiment.model == "glm" and not d.param_widgets["k"].visible
+    d.close()
+
+
+def test_relu_with_monte_carlo_dmft_is_refused_with_a_hint():
+    exp = committee_exp(activation="relu", method="auto")
+    with pytest.raises(ConfigError) as e:
+        plan_jobs(exp, ["sgf"])
+    assert e.value.param == "method" and "online" in str(e.value)
+    plan_jobs(committee_exp(activation="relu", method="online"), ["sgf"])  # accepted
+    d = dashboard(exp=exp)
+    assert not d.run()
+    assert d.alert.visible and "online" in d.alert.object and d.store.current is None
+    d.close()
+
+
+def test_overlap_heatmaps_follow_the_snapshots_and_the_time_player():
+    eng = {"theory": make_committee_fake("theory"), "sim": make_committee_fake("sim")}
+    exp = committee_exp()
+    d = dashboard(engines=eng, exp=exp)
+    d.sims = ["sgf"]
+    assert d.overlaps_pane.object is None  # GLM-free empty state before a committee run
+    assert d.run() and d.wait(10)
+    assert d.grid.titles["test_error"] == "Generalisation error ε_g"
+    assert "test_error" in d.grid.observables  # drawn although the teacher is linear
+    x, v, _ = d.plotted(THEORY, "test_error")
+    np.testing.assert_allclose(v, 0.1 * np.exp(-x))
+    assert d.time_player.options == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+
+    def check(t):
+        data = d.last_overlap_data
+        assert set(data) == {plots.sid(0, THEORY), plots.sid(0, "sgf")}
+        for key, kind in ((THEORY, "theory"), ("sgf", "sim")):
+            e = data[plots.sid(0, key)]
+            ref = committee_values(kind, exp, t)
+            assert e["t"] == pytest.approx(t)
+            assert e["Q"].shape == (2, 2) and e["M"].shape == (2, 3)
+            np.testing.assert_allclose(e["Q"], [[ref[f"Q_{a}_{b}"] for b in range(2)]
+                                                for a in range(2)])
+            np.testing.assert_allclose(e["M"], [[ref[f"M_{a}_{b}"] for b in range(3)]
+                                                for a in range(2)])
+    check(1.0)  # follows the latest time
+    d.time_player.value = 0.25
+    check(0.25)
+    # the heatmap element holds the matrix, rows a and columns b
+    el = plots.overlap_heatmap("M", "DMFT", d.last_overlap_data[plots.sid(0, THEORY)], 2, 3)
+    hm = el.get(0)
+    assert isinstance(hm, hv.HeatMap) and "t = 0.25" in hm.opts.get().kwargs["title"]
+    got = {(str(b), str(a)): val for b, a, val in zip(*(hm.dimension_values(i)
+                                                         for i in range(3)))}
+    assert got[("2", "1")] == pytest.approx(-(10 + 2) - 0.25)
+    assert d.overlaps_pane.object is not None and d.overlaps_pane.visible
+    # a GLM run hides the heatmaps again
+    d.experiment.model = "glm"
+    d.experiment.param.update(loss="logistic", teacher="sign")
+    assert d.run() and d.wait(10)
+    assert d.overlaps_pane.object is None and d.grid.titles["test_error"] != \
+        "Generalisation error ε_g"
+    d.close()
+
+
+def test_real_committee_run_shows_the_engines_overlaps():
+    dmft, simulate = _real_engines()
+    exp = committee_exp(T=1.0, dt=0.25, d=60, seeds=1, delta=20.0, tau=0.5, batch=1,
+                        q0=0.05, m0=0.1, rho=4.0, lam=0.0)
+    d = Dashboard(experiment=exp, period_ms=0, sync_url=False)
+    d.sims = ["sgd-fresh"]
+    assert d.run() and d.wait(120)
+    run = d.store.current
+    assert {s.status for s in run.series.values()} == {"done"}, \
+        {k: s.message for k, s in run.series.items()}
+    th = dmft.solve(exp.copy(algo="sgf", sampling="fresh"))
+    e = d.last_overlap_data[plots.sid(0, THEORY)]
+    assert e["t"] == pytest.approx(1.0)
+    for a in range(2):
+        for b in range(3):
+            assert e["M"][a, b] == pytest.approx(getattr(th, f"M_{a}_{b}")[-1], rel=1e-12)
+        for b in range(2):
+            assert e["Q"][a, b] == pytest.approx(getattr(th, f"Q_{a}_{b}")[-1], rel=1e-12)
+    sim = d.last_overlap_data[plots.sid(0, "sgd-fresh")]
+    assert np.all(np.isfinite(sim["Q"])) and np.all(np.isfinite(sim["M"]))
     d.close()
