@@ -25,6 +25,7 @@ from . import export, plots, presets
 from .about import about_panel
 from .controls import (COMMITTEE_ONLY, GROUPS, URL_PARAMS, horizon_text, inner_widget,
                        list_text, widget_for)
+from .pool import CapError, check_caps
 from .runner import Runner
 from .store import SIMS, THEORY, Store, plan_jobs
 
@@ -65,6 +66,7 @@ class Dashboard(pn.viewable.Viewer):
         self._lock = threading.RLock()
         self._pc = None
         self._closed = False
+        self._queue_pos = None
         self._dist_dirty = False
         self._kernel_dirty = False
         self._setting_time = False
@@ -503,6 +505,10 @@ class Dashboard(pn.viewable.Viewer):
             self.hide_alert()
             try:
                 jobs = plan_jobs(self.experiment, self.sims, self.gd_theory)
+                check_caps(self.experiment, self.sims)
+            except CapError as e:
+                self.show_alert(f"<b>Over this server's limit — {e.param}</b>: {e}")
+                return False
             except ConfigError as e:
                 self.show_alert(f"<b>Invalid configuration — {e.param}</b>: {e}")
                 return False
@@ -618,7 +624,9 @@ class Dashboard(pn.viewable.Viewer):
                 self._send_dists()
             if kern:
                 self.kernel_pipe.send(self._kernel_data())
-            if events:
+            pos = self.runner.queue_position() if not run.finished else None
+            if events or pos != self._queue_pos:
+                self._queue_pos = pos
                 self._update_status()
             return len(events)
 
@@ -655,6 +663,15 @@ class Dashboard(pn.viewable.Viewer):
         else:
             eta = run.eta_seconds()
             head = "Running" + (f", about {eta:.0f} s left" if eta is not None else "")
+            pos = self.runner.queue_position()
+            self._queue_pos = pos
+            if pos is not None:  # some of this run's jobs wait for a worker of the server
+                st = self.runner.pool.stats()
+                if all(s.status == "queued" for s in run.series.values()):
+                    head = "Waiting for a free worker"
+                head += (f" — place in the server's queue: {pos + 1} ({pos} job"
+                         f"{'s' if pos != 1 else ''} of other sessions ahead; {st['running']} "
+                         f"running on {st['workers']} workers)")
         self.status.object = (f'<div class="sgf-status"><b>{head}</b><br>'
                               + " · ".join(parts) + "</div>")
         self._update_runs_view()

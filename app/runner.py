@@ -1,12 +1,14 @@
 """Scheduling: worker threads run the engines, a queue carries their snapshots to the session.
 
 Nothing here touches Panel or Bokeh, so it is tested headless. One :class:`Runner` per browser
-session. ``start(jobs)`` cancels the previous run (its threads notice within the engines'
-cancel latency, < 1 s) and starts up to ``max_workers`` worker threads that take the jobs in
-order (so the theory, listed first, starts first); a worker computes only once it holds one of
-the runner's ``max_workers`` slots, so a new run's threads wait for the old ones to let go.
-Workers only put :class:`Event` objects on a bounded queue; the session's periodic callback
-calls :meth:`Runner.drain` and draws. Events of a cancelled run are dropped.
+session. ``start(jobs)`` cancels the previous run (queued jobs are dropped, running engines
+notice within their cancel latency, < 1 s) and queues one job per engine call, in order (so
+the theory, listed first, starts first), on the process-wide :func:`app.pool.shared_pool`
+(``SGF_DMFT_WORKERS`` threads shared by every session). At most ``max_workers`` jobs of a
+session run at once, so a new run's jobs wait for the old ones to let go.
+Jobs only put :class:`Event` objects on a bounded queue (``queue_size``; a full queue makes the
+job wait, never grow); the session's periodic callback calls :meth:`Runner.drain` and draws.
+Events of a cancelled run are dropped.
 
 Engines are looked up lazily (``solver.dmft.stream`` for ``kind='theory'``,
 ``solver.simulate.stream`` for ``kind='sim'``) so that the app imports without them; tests
@@ -16,14 +18,14 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import queue
 import threading
 import time
 import traceback
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
+
+from .pool import Group, Pool, Ticket, shared_pool
 
 log = logging.getLogger(__name__)
 
@@ -111,29 +113,6 @@ def _put(q: queue.Queue, ev: Event, cancel: threading.Event) -> bool:
                 return False
 
 
-def _worker(run_id: int, pending: "deque[tuple[Job, StreamFn]]", lock: threading.Lock,
-            cancel: threading.Event, q: queue.Queue, slots: threading.Semaphore) -> None:
-    """Take a compute slot, then run the run's pending jobs in order until none is left."""
-    got = False
-    while not cancel.is_set():
-        if slots.acquire(timeout=0.05):
-            got = True
-            break
-    try:
-        while True:
-            with lock:
-                if not pending:
-                    return
-                job, fn = pending.popleft()
-            if not got or cancel.is_set():
-                _put(q, Event(run_id, job.key, "cancelled"), cancel)
-                continue
-            _run_job(run_id, job, fn, cancel, q)
-    finally:
-        if got:
-            slots.release()
-
-
 def _run_job(run_id: int, job: Job, fn: StreamFn, cancel: threading.Event,
              q: queue.Queue) -> None:
     try:
@@ -173,16 +152,17 @@ def _run_stream(run_id: int, job: Job, fn: StreamFn, cancel: threading.Event,
 
 
 class Runner:
-    """Worker threads for one session; see the module docstring."""
+    """The jobs of one session, run by the shared pool; see the module docstring."""
 
     def __init__(self, engines: dict[str, StreamFn] | None = None, max_workers: int | None = None,
-                 queue_size: int = 20000):
+                 queue_size: int = 20000, pool: Pool | None = None):
         self.engines = dict(engines or {})
-        self.max_workers = max_workers or max(2, os.cpu_count() or 2)
+        self.pool = pool or shared_pool()
+        self.max_workers = max_workers or self.pool.workers
+        self._group = Group(self.max_workers)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._slots = threading.Semaphore(self.max_workers)
         self._cancel = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._tickets: list[Ticket] = []
         self._lock = threading.Lock()
         self.run_id = 0
         self.t_start = 0.0
@@ -193,38 +173,58 @@ class Runner:
         return self.engines[kind]
 
     def start(self, jobs: list[Job]) -> int:
-        """Cancel the current run (without waiting) and start ``jobs``; returns the new run id.
+        """Cancel the current run (without waiting) and queue ``jobs``; returns the new run id.
 
         Engines are resolved first, so a missing engine raises here and nothing starts.
         """
         fns = [self.engine(j.kind) for j in jobs]
         with self._lock:
             self._cancel.set()
+            self.pool.purge()
             self.run_id += 1
-            self._cancel = threading.Event()
+            cancel = self._cancel = threading.Event()
             self.t_start = time.perf_counter()
-            self._threads = [t for t in self._threads if t.is_alive()]
-            pending = deque(zip(jobs, fns))
-            lock = threading.Lock()
-            for i in range(min(self.max_workers, len(jobs))):
-                th = threading.Thread(target=_worker, name=f"sgf-dmft-run{self.run_id}-w{i}",
-                                      args=(self.run_id, pending, lock, self._cancel,
-                                            self._queue, self._slots), daemon=True)
-                self._threads.append(th)
-                th.start()
+            self._tickets = [t for t in self._tickets if not t.done.is_set()]
+            q, rid = self._queue, self.run_id
+            new = []
+            for job, fn in zip(jobs, fns):
+                def run(job=job, fn=fn):
+                    if cancel.is_set():
+                        _put(q, Event(rid, job.key, "cancelled"), cancel)
+                    else:
+                        _run_job(rid, job, fn, cancel, q)
+
+                def drop(job=job):
+                    try:
+                        q.put_nowait(Event(rid, job.key, "cancelled"))
+                    except queue.Full:
+                        pass
+
+                new.append(Ticket(run, self._group, cancel, drop))
+            self._tickets.extend(new)
+            self.pool.submit(new)
             return self.run_id
 
     def stop(self) -> None:
-        """Ask the current run to stop; engines return within their cancel latency."""
+        """Ask the current run to stop: queued jobs are dropped, running engines return
+        within their cancel latency."""
         self._cancel.set()
+        self.pool.purge()
 
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
     def busy(self) -> bool:
-        """Whether any worker thread (of any run) is still alive."""
-        return any(t.is_alive() for t in self._threads)
+        """Whether any job (of any run of this session) is queued or running."""
+        return any(not t.done.is_set() for t in self._tickets)
+
+    def queue_position(self) -> int | None:
+        """Jobs of the server queued ahead of this session's first queued job (None: none
+        of its jobs waits)."""
+        if self._cancel.is_set():
+            return None
+        return self.pool.position(self._group)
 
     def drain(self, max_events: int = 100000) -> list[Event]:
         """Events of the current run queued since the last call (older runs' are dropped)."""
@@ -239,14 +239,14 @@ class Runner:
         return out
 
     def join(self, timeout: float = 5.0) -> bool:
-        """Wait for every worker thread; True if all ended."""
+        """Wait for every job of this session to end; True if all ended."""
         deadline = time.monotonic() + timeout
-        for t in list(self._threads):
-            t.join(max(0.0, deadline - time.monotonic()))
+        for t in list(self._tickets):
+            t.done.wait(max(0.0, deadline - time.monotonic()))
         return not self.busy()
 
     def shutdown(self, timeout: float = 0.0) -> None:
-        """Cancel and forget (session closed); optionally wait for the threads."""
+        """Cancel and forget (session closed); optionally wait for the jobs."""
         self.stop()
         if timeout:
             self.join(timeout)

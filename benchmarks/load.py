@@ -1,0 +1,311 @@
+"""Load test of the dashboard server: K concurrent browser sessions, then open/close cycles.
+
+Run:  NUMBA_NUM_THREADS=2 .venv/bin/python benchmarks/load.py [--sessions 10] [--cycles 50]
+      [--timeout 900] [--json out.json]
+
+Loopback only (127.0.0.1). Starts the server with the Docker entry command (read from the
+Dockerfile's CMD, run with this venv's ``sgf-dmft``; the address becomes 127.0.0.1 and the port
+a free one), then with a headless chromium (Playwright; ``/usr/bin/chromium`` or
+``$SGF_DMFT_CHROMIUM``, same flags as tests/conftest.py):
+
+1. baseline: one session opened and closed (imports done), server threads and RSS once Bokeh
+   has destroyed it;
+2. K sessions at once, each loads a small configuration (``SMALL``: T=2, d=300, 2 seeds, 600
+   Monte Carlo samples, theory + SGF + SGD) and presses Run. While the runs go on, each session
+   changes a numeric input (delta) twice and times how long the page takes to show the
+   dependent text (the "epochs / SGD steps / n = δd" line); the best place in the server's
+   queue each session's status line showed is recorded. Measured: every run completes ("Done
+   in"), the time to completion, the widget latencies, server threads and RSS before, peak
+   (sampled every 0.2 s) and after the sessions are closed and destroyed;
+3. ``--cycles`` open/close cycles (a page loads the dashboard, then closes): threads and RSS
+   after they are destroyed, against the baseline.
+
+Bounded: at most 40 sessions and 500 cycles; every wait has a timeout and the whole run stops
+at ``--timeout`` seconds; the server is killed (its process group) on exit.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("SGF_DMFT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-dev-shm-usage"]
+SMALL = '?T=2&d=300&seeds=2&samples=600&sims=["sgf","sgd-fresh"]&gd_theory=false'
+D_SMALL = 300
+MAX_SESSIONS, MAX_CYCLES = 40, 500
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dockerfile_cmd() -> list[str]:
+    text = (ROOT / "Dockerfile").read_text()
+    m = re.search(r"^CMD\s+(\[.*\])\s*$", text, re.M)
+    if not m:
+        raise SystemExit("Dockerfile has no exec-form CMD")
+    return json.loads(m.group(1))
+
+
+def proc_status(pid: int) -> dict:
+    """Threads and RSS (MiB) of a process, from /proc."""
+    out = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                out["rss_mib"] = int(line.split()[1]) / 1024
+            elif line.startswith("Threads:"):
+                out["threads"] = int(line.split()[1])
+    return out
+
+
+class Sampler:
+    """Samples a process's RSS and threads every ``period`` s in a thread; keeps the peak."""
+
+    def __init__(self, pid: int, period: float = 0.2):
+        self.pid, self.period = pid, period
+        self.peak_rss = 0.0
+        self.peak_threads = 0
+        self._stop = threading.Event()
+        self._th = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                st = proc_status(self.pid)
+            except OSError:
+                return
+            self.peak_rss = max(self.peak_rss, st["rss_mib"])
+            self.peak_threads = max(self.peak_threads, st["threads"])
+            self._stop.wait(self.period)
+
+    def __enter__(self):
+        self._th.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._th.join(5)
+
+
+def start_server(port: int) -> subprocess.Popen:
+    cmd = dockerfile_cmd()
+    exe = Path(sys.executable).parent / cmd[0]
+    if not exe.exists():
+        raise SystemExit(f"{exe} not found: pip install -e . in this venv")
+    cmd = [str(exe)] + cmd[1:]
+    cmd[cmd.index("--port") + 1] = str(port)
+    cmd[cmd.index("--address") + 1] = "127.0.0.1"  # loopback only
+    env = dict(os.environ, BOKEH_ALLOW_WS_ORIGIN=f"127.0.0.1:{port}")
+    env.setdefault("NUMBA_NUM_THREADS", "2")
+    log = open(ROOT / "test-results" / "load-server.log", "w") if (
+        ROOT / "test-results").is_dir() else subprocess.DEVNULL
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit(f"server did not answer {url} within {timeout} s")
+
+
+async def settle(pid: int, target_threads: int | None, min_wait: float = 36.0,
+                 timeout: float = 90.0) -> tuple[dict, float]:
+    """Wait ``min_wait`` s (Bokeh destroys a closed session within its unused-session check,
+    17 s, plus its lifetime, 15 s), then until the server has at most ``target_threads``
+    threads (idle pool workers end after 5 s); returns (status, seconds waited)."""
+    t0 = time.monotonic()
+    await asyncio.sleep(min_wait)
+    st = proc_status(pid)
+    while target_threads is not None and time.monotonic() - t0 < timeout:
+        st = proc_status(pid)
+        if st["threads"] <= target_threads:
+            break
+        await asyncio.sleep(1.0)
+    return st, time.monotonic() - t0
+
+
+async def open_page(browser, url: str, timeout_ms: int = 120_000):
+    ctx = await browser.new_context(viewport={"width": 1400, "height": 900})
+    page = await ctx.new_page()
+    await page.goto(url, timeout=timeout_ms)
+    await page.get_by_role("button", name="▶ Run").wait_for(timeout=timeout_ms)
+    return ctx, page
+
+
+async def widget_latency(page, delta: float) -> float:
+    """Seconds from typing delta into its input to the page showing the new n = δd."""
+    n = max(1, int(round(delta * D_SMALL)))
+    box = page.locator("input.bk-input").first
+    t0 = time.perf_counter()
+    await box.fill(f"{delta:g}")
+    await box.press("Enter")
+    await page.get_by_text(f"n = δd = {n:,} samples").first.wait_for(timeout=60_000)
+    return time.perf_counter() - t0
+
+
+async def one_session(browser, base: str, i: int, start: asyncio.Event, ready: list,
+                      out: list, run_timeout_s: float):
+    rec = {"session": i, "latencies_s": [], "during_run": [], "queue_place_max": 0}
+    ctx = None
+    try:
+        ctx, page = await open_page(browser, base + "/" + SMALL)
+        ready.append(i)
+        await start.wait()
+        t0 = time.perf_counter()
+        await page.get_by_role("button", name="▶ Run").click()
+        for k, delta in enumerate((3.0, 2.0)):
+            await asyncio.sleep(0.5 + 0.3 * (i % 4))
+            done = await page.get_by_text("Done in").count() > 0
+            rec["latencies_s"].append(await widget_latency(page, delta))
+            rec["during_run"].append(not done)
+        deadline = time.monotonic() + run_timeout_s
+        while time.monotonic() < deadline:
+            text = " ".join(await page.locator(".sgf-status").all_inner_texts())
+            m = re.search(r"place in the server's queue: (\d+)", text)
+            if m:
+                rec["queue_place_max"] = max(rec["queue_place_max"], int(m.group(1)))
+            if "Done in" in text or "Stopped" in text:
+                rec["done"] = "Done in" in text
+                rec["status"] = text.strip().splitlines()[0]
+                break
+            await asyncio.sleep(0.25)
+        else:
+            rec["done"] = False
+        rec["run_s"] = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 - recorded, counted as not completed
+        rec["error"] = f"{type(e).__name__}: {e}"[:300]
+    finally:
+        out.append(rec)
+        if ctx is not None:
+            await ctx.close()
+
+
+async def main_async(args) -> dict:
+    from playwright.async_api import async_playwright
+
+    res: dict = {"sessions": args.sessions, "cycles": args.cycles, "config": SMALL,
+                 "command": None, "cores": os.cpu_count()}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_server(port)
+    res["command"] = " ".join(dockerfile_cmd())
+    t_all = time.monotonic()
+    try:
+        wait_http(base + "/liveness", proc)
+        pid = proc.pid  # sgf-dmft serve execs panel serve: same process
+        res["server_start"] = proc_status(pid)
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                               args=CHROMIUM_ARGS)
+            # 1. baseline after one session (imports, warm-up and first page build done)
+            ctx, page = await open_page(browser, base + "/")
+            await ctx.close()
+            base_st, _ = await settle(pid, None)
+            res["baseline"] = base_st
+            # 2. K concurrent sessions running
+            recs: list = []
+            start = asyncio.Event()
+            with Sampler(pid) as smp:
+                ready: list = []
+                tasks = [asyncio.create_task(one_session(browser, base, i, start, ready, recs,
+                                                         args.timeout / 2))
+                         for i in range(args.sessions)]
+                # every page loaded (or failed) before the runs start together
+                t_load = time.monotonic()
+                while (len(ready) < args.sessions and not all(t.done() for t in tasks)
+                       and time.monotonic() - t_load < 120 + 10 * args.sessions):
+                    await asyncio.sleep(0.2)
+                res["load_s"] = round(time.monotonic() - t_load, 1)
+                res["loaded"] = proc_status(pid)
+                start.set()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            res["peak"] = {"rss_mib": smp.peak_rss, "threads": smp.peak_threads}
+            # Panel's --num-threads executor may keep its (at most 2) threads once started
+            after, waited = await settle(pid, base_st["threads"] + 2, timeout=90.0)
+            res["after_sessions"] = dict(after, settle_s=round(waited, 1))
+            lat = [x for r in recs for x, d in zip(r["latencies_s"], r["during_run"]) if d]
+            res["runs"] = {
+                "completed": sum(bool(r.get("done")) for r in recs),
+                "run_s_median": statistics.median(r["run_s"] for r in recs if "run_s" in r),
+                "run_s_max": max(r["run_s"] for r in recs if "run_s" in r),
+                "queue_place_max": max(r["queue_place_max"] for r in recs),
+                "latency_during_runs_n": len(lat),
+                "latency_s_median": statistics.median(lat) if lat else None,
+                "latency_s_max": max(lat) if lat else None,
+            }
+            res["per_session"] = sorted(recs, key=lambda r: r["session"])
+            # 3. open/close cycles, five at a time
+            t0 = time.monotonic()
+            done_cycles = 0
+            while done_cycles < args.cycles and time.monotonic() - t_all < args.timeout:
+                n = min(5, args.cycles - done_cycles)
+                pages = await asyncio.gather(*[open_page(browser, base + "/")
+                                               for _ in range(n)])
+                for ctx, _ in pages:
+                    await ctx.close()
+                done_cycles += n
+            res["cycles_done"] = done_cycles
+            res["cycles_s"] = round(time.monotonic() - t0, 1)
+            after, waited = await settle(pid, base_st["threads"] + 2, timeout=90.0)
+            res["after_cycles"] = dict(after, settle_s=round(waited, 1))
+            await browser.close()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    res["total_s"] = round(time.monotonic() - t_all, 1)
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sessions", type=int, default=10)
+    ap.add_argument("--cycles", type=int, default=50)
+    ap.add_argument("--timeout", type=float, default=900.0, help="overall bound, seconds")
+    ap.add_argument("--json", default=None, help="write the figures here")
+    args = ap.parse_args(argv)
+    args.sessions = max(1, min(MAX_SESSIONS, args.sessions))
+    args.cycles = max(0, min(MAX_CYCLES, args.cycles))
+    res = asyncio.run(asyncio.wait_for(main_async(args), args.timeout + 120))
+    text = json.dumps(res, indent=1, default=float)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    r = res.get("runs", {})
+    return 0 if r.get("completed") == args.sessions else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
