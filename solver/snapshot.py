@@ -171,6 +171,34 @@ class Result:
         return jpath
 
 
+def collect(snapshots, config: dict, engine: str = "", cancel=None, callback=None,
+            error_status: str = "diverged") -> Result:
+    """Collect a snapshot stream into a :class:`Result` (the one ``solve``/``run`` of every engine).
+
+    ``callback(snapshot)`` is called on each. On a :class:`SolverError` the error is re-raised
+    with ``err.result`` holding what was computed (``status=error_status``); a run stopped by
+    ``cancel`` before its last step returns the partial Result with ``status='cancelled'``.
+    """
+    res = Result(config=config, engine=engine)
+    try:
+        for snap in snapshots:
+            res.append(snap)
+            if callback is not None:
+                callback(snap)
+    except SolverError as err:
+        res.status, res.message = error_status, str(err)
+        if res.snapshots and not res.engine:
+            res.engine = res.snapshots[0].engine
+        err.result = res
+        raise
+    if res.snapshots and not res.engine:
+        res.engine = res.snapshots[0].engine
+    if cancel is not None and cancel.is_set() and (not res.snapshots
+                                                   or res.snapshots[-1].progress < 1.0):
+        res.status, res.message = "cancelled", "cancelled"
+    return res
+
+
 def _isnan(v) -> bool:
     return isinstance(v, float) and math.isnan(v)
 

@@ -35,7 +35,7 @@ import threading
 import numpy as np
 from numba import njit
 
-from ..snapshot import Result, Snapshot, SolverError
+from ..snapshot import Result, Snapshot, SolverError, collect
 from .activations import ERF, RELU, code_of, sigma, sigma_d1
 from .observables import coefficients, joint_cov, metrics, pair_matrices
 
@@ -442,17 +442,7 @@ def stream(exp, cancel: threading.Event | None = None, integrator: str = "euler"
 
 def run(exp, cancel=None, callback=None, **kw) -> Result:
     """Collect :func:`stream` into a Result (callback(snapshot) after each)."""
-    res = Result(config=exp.to_dict(), engine=ENGINE)
-    try:
-        for s in stream(exp, cancel, **kw):
-            res.append(s)
-            if callback is not None:
-                callback(s)
-    except SolverError as e:
-        e.result = res
-        res.status, res.message = "diverged", str(e)
-        raise
-    return res
+    return collect(stream(exp, cancel, **kw), exp.to_dict(), ENGINE, cancel, callback)
 
 
 solve = run

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit
 
-from ..snapshot import Result, Snapshot, SolverError
+from ..snapshot import Result, Snapshot, SolverError, collect
 from .activations import code_of, sigma, sigma_d1
 from .observables import metrics
 
@@ -527,14 +527,5 @@ def online_stream(exp, cancel: threading.Event | None = None, exact_init: bool =
 def run(exp, cancel=None, callback=None, online=False, exact_init=False) -> Result:
     """Collect a stream into a Result (callback(snapshot) after each)."""
     engine = "sim-online" if online else "sim-" + exp.algo
-    res = Result(config=exp.to_dict(), engine=engine)
-    try:
-        for s in _stream(exp, cancel, online, exact_init and online):
-            res.append(s)
-            if callback is not None:
-                callback(s)
-    except SolverError as e:
-        e.result = res
-        res.status, res.message = "diverged", str(e)
-        raise
-    return res
+    return collect(_stream(exp, cancel, online, exact_init and online), exp.to_dict(), engine,
+                   cancel, callback)

@@ -11,7 +11,7 @@ does not compile anything.
 """
 from __future__ import annotations
 
-from ..snapshot import Result, SolverError
+from ..snapshot import Result, collect
 
 
 def _engine(method: str):
@@ -49,23 +49,7 @@ def solve(exp, cancel=None, callback=None) -> Result:
 
     On divergence the SolverError is re-raised with ``err.result`` holding the snapshots computed
     before it (``status='diverged'``); a cancelled run returns ``status='cancelled'``."""
-    res = Result(config=exp.to_dict())
-    try:
-        for snap in stream(exp, cancel):
-            res.append(snap)
-            if callback is not None:
-                callback(snap)
-    except SolverError as err:
-        res.status, res.message = "diverged", str(err)
-        if res.snapshots:
-            res.engine = res.snapshots[0].engine
-        err.result = res
-        raise
-    if res.snapshots:
-        res.engine = res.snapshots[0].engine
-    if cancel is not None and cancel.is_set():
-        res.status, res.message = "cancelled", "cancelled"
-    return res
+    return collect(stream(exp, cancel), exp.to_dict(), "", cancel, callback)
 
 
 run = solve

@@ -537,22 +537,9 @@ def stream(exp, cancel=None, replicas: int = REPLICAS, divisor: int = REPLICA_DI
 
 def solve(exp, cancel=None, callback=None, **kw):
     """Collect :func:`stream` into a Result (see :func:`solver.dmft.solve`)."""
-    from ..snapshot import Result, SolverError
+    from ..snapshot import collect
 
-    res = Result(config=exp.to_dict(), engine=ENGINE)
-    try:
-        for snap in stream(exp, cancel, **kw):
-            res.append(snap)
-            if callback is not None:
-                callback(snap)
-    except SolverError as err:
-        res.status, res.message = "diverged", str(err)
-        err.result = res
-        raise
-    if cancel is not None and cancel.is_set() and (not res.snapshots
-                                                   or res.snapshots[-1].progress < 1):
-        res.status, res.message = "cancelled", "cancelled"
-    return res
+    return collect(stream(exp, cancel, **kw), exp.to_dict(), ENGINE, cancel, callback)
 
 
 run = solve

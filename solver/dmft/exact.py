@@ -30,7 +30,7 @@ from numba import njit
 
 from ..config import ConfigError
 from ..observables import metrics
-from ..snapshot import Result, Snapshot, SolverError
+from ..snapshot import Result, Snapshot, SolverError, collect
 
 ENGINE = "dmft-exact"
 #: Largest grid (number of steps K) accepted: memory is 7 (K+1)^2 float64.
@@ -237,19 +237,7 @@ def stream(exp, cancel: threading.Event | None = None) -> Iterator[Snapshot]:
 
 def solve(exp, cancel: threading.Event | None = None, callback=None) -> Result:
     """Collect :func:`stream` into a :class:`Result` (``callback(snapshot)`` after each)."""
-    res = Result(config=exp.to_dict(), engine=ENGINE)
-    try:
-        for snap in stream(exp, cancel):
-            res.append(snap)
-            if callback is not None:
-                callback(snap)
-    except SolverError as e:
-        e.result = res
-        res.status, res.message = "diverged", str(e)
-        raise
-    if cancel is not None and cancel.is_set():
-        res.status, res.message = "cancelled", "cancelled"
-    return res
+    return collect(stream(exp, cancel), exp.to_dict(), ENGINE, cancel, callback)
 
 
 run = solve

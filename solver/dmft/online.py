@@ -39,7 +39,7 @@ from scipy.special import roots_legendre
 from ..models import (LINEAR, LOSS_CODES, SIGN, SQUARE, TEACHER_CODES, loss_d1, loss_d2,
                       loss_value)
 from ..observables import metrics
-from ..snapshot import Result, Snapshot, SolverError
+from ..snapshot import Result, Snapshot, SolverError, collect
 
 ENGINE = "dmft-online"
 _TWO_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -266,19 +266,7 @@ def stream(exp, cancel: threading.Event | None = None, scheme: str = "euler") ->
 
 def solve(exp, cancel: threading.Event | None = None, callback=None, scheme: str = "euler") -> Result:
     """Collect :func:`stream` into a :class:`Result` (``callback(snapshot)`` after each)."""
-    res = Result(config=exp.to_dict(), engine=ENGINE)
-    try:
-        for snap in stream(exp, cancel, scheme):
-            res.append(snap)
-            if callback is not None:
-                callback(snap)
-    except SolverError as e:
-        e.result = res
-        res.status, res.message = "diverged", str(e)
-        raise
-    if cancel is not None and cancel.is_set():
-        res.status, res.message = "cancelled", "cancelled"
-    return res
+    return collect(stream(exp, cancel, scheme), exp.to_dict(), ENGINE, cancel, callback)
 
 
 run = solve

@@ -18,7 +18,7 @@ per-seed values).
 """
 from __future__ import annotations
 
-from ..snapshot import Result, SolverError
+from ..snapshot import Result, collect
 from .data import Dataset, draw
 from .engine import stream
 
@@ -28,20 +28,8 @@ __all__ = ["stream", "run", "draw", "Dataset"]
 def run(exp, cancel=None, callback=None, **kw) -> Result:
     """Collect :func:`stream` into a Result; ``callback(snapshot)`` is called on each snapshot.
 
-    On divergence the SolverError is re-raised with ``.result`` holding what was computed; a
-    cancelled run returns the partial Result with ``status='cancelled'``.
+    On divergence the SolverError is re-raised with ``.result`` holding what was computed
+    (``status='stopped'``); a cancelled run returns the partial Result with ``status='cancelled'``.
     """
-    res = Result(config=exp.to_dict(), engine="sim-" + exp.algo)
-    try:
-        for snap in stream(exp, cancel, **kw):
-            res.append(snap)
-            if callback is not None:
-                callback(snap)
-    except SolverError as e:
-        res.status, res.message = "stopped", str(e)
-        e.result = res
-        raise
-    if cancel is not None and cancel.is_set() and (not res.snapshots
-                                                   or res.snapshots[-1].progress < 1.0):
-        res.status, res.message = "cancelled", "cancelled"
-    return res
+    return collect(stream(exp, cancel, **kw), exp.to_dict(), "sim-" + exp.algo, cancel, callback,
+                   error_status="stopped")
