@@ -20,7 +20,8 @@ lambda = 0.01, T = 10, dt = 0.05 (K = 200 steps).
   iteration), so the fixed point is exactly the sweep's solution; the table reports the
   distance to it, and the time ratio is the ratio at equal accuracy.
 
-Every timing is the best of ``REPEATS`` runs (the machine is shared). Writes its table into the
+Every timing is the best of ``REPEATS`` runs (the machine is shared; ``--quiet-load 0.5`` waits
+for a quiet machine before each run). Writes its table into the
 "DMFT solver" section of docs/benchmarks.md (between the dmft markers).
 """
 from __future__ import annotations
@@ -129,9 +130,42 @@ def picard(exp, se, alpha, max_iter=100):
     return cur, max_iter, time.perf_counter() - t0, False
 
 
+#: Before each timed run wait (at most QUIET_WAIT s) until fewer than this many cores are busy
+#: (--quiet-load; the machines are shared, and a busy core doubles a parallel run's time).
+QUIET_LOAD = None
+QUIET_WAIT = 600
+
+
+def busy_cores(interval=2.0):
+    """Cores busy over the last ``interval`` seconds (from /proc/stat; None where unavailable)."""
+    def snap():
+        with open("/proc/stat") as fh:
+            f = [float(x) for x in fh.readline().split()[1:]]
+        return sum(f), f[3] + f[4]  # total, idle + iowait
+    try:
+        t0, i0 = snap()
+        time.sleep(interval)
+        t1, i1 = snap()
+    except OSError:
+        return None
+    return (os.cpu_count() or 1) * (1.0 - (i1 - i0) / max(t1 - t0, 1e-9))
+
+
+def wait_quiet():
+    """Wait until fewer than QUIET_LOAD cores are busy (at most QUIET_WAIT seconds)."""
+    if QUIET_LOAD is None:
+        return
+    t0 = time.time()
+    while time.time() - t0 < QUIET_WAIT:
+        b = busy_cores()
+        if b is None or b < QUIET_LOAD:
+            return
+
+
 def best(fn, reps=REPEATS):
     out, res = [], None
     for _ in range(reps):
+        wait_quiet()
         t0 = time.perf_counter()
         res = fn()
         out.append(time.perf_counter() - t0)
@@ -148,7 +182,12 @@ def main(argv=None):
                     help="N of the sweep-vs-Picard comparison (default 8000)")
     ap.add_argument("--no-picard", action="store_true", help="skip the Picard baseline")
     ap.add_argument("--alphas", default="1.0,0.5", help="Picard damping values")
+    ap.add_argument("--quiet-load", type=float, default=None,
+                    help="before each timed run, wait until fewer than this many cores are busy "
+                         "(shared machines), e.g. 0.3")
     args = ap.parse_args(argv)
+    global QUIET_LOAD
+    QUIET_LOAD = args.quiet_load
     Ns = [int(x) for x in (args.samples or ("4000" if args.quick else "24000,60000")).split(",")]
     Np = args.picard_samples or (2000 if args.quick else 8000)
     threads = os.environ.get("NUMBA_NUM_THREADS", "default")
@@ -181,6 +220,7 @@ def main(argv=None):
         _, (v_p, se_p, _) = best(lambda: engine(ep), reps=1)
         rows.append(("forward sweep", t_sw, 1.0, "1", "0"))
         for alpha in (float(a) for a in args.alphas.split(",")):
+            wait_quiet()
             cur, its, t_p, ok = picard(ep, se_p, alpha)
             dist = max(_scaled(cur[k] - ref[k], se_p[k], ref[k]) for k in CURVES)
             print(f"N={Np}: picard alpha={alpha}: {its} iterations, {t_p:.1f} s "
