@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from solver import __version__
-from solver.snapshot import OBSERVABLES
+from solver.snapshot import OBSERVABLES, _json_default
 
 LEAD = ("run", "series", "label", "engine", "algo", "sampling", "status", "t", "epochs", "steps")
 
@@ -55,13 +55,6 @@ def curves_csv(runs) -> str:
         w.writerow([_fmt(r.get(c, "")) for c in cols])
     return buf.getvalue()
 
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def config_json(exp, sims, gd_theory, runs=()) -> str:

@@ -31,6 +31,7 @@ from numba import njit
 from ..config import ConfigError
 from ..observables import metrics
 from ..snapshot import Result, Snapshot, SolverError, collect
+from .glm import _correlate
 
 ENGINE = "dmft-exact"
 #: Largest grid (number of steps K) accepted: memory is 7 (K+1)^2 float64.
@@ -62,22 +63,8 @@ def _advance(k0, k1, R, G, C, P, S, V, D, b, kappa, m, U, Y,
         else:
             b[0] = 0.0
         R[k, k] = 1.0
-        # 2. overlaps m_k, C_{k,l} (l <= k); Y_j = sum_{i<k} R_{k,i+1} D_{i,j}
-        m[k] = R[k, 0] * m0 + b[k] * rho
-        for j in range(k):
-            Y[j] = 0.0
-        for i in range(k):
-            r = R[k, i + 1]
-            for j in range(k):
-                Y[j] += r * D[i, j]
-        for l in range(k + 1):
-            acc = 0.0
-            for jp in range(l):
-                acc += Y[jp] * R[l, jp + 1]
-            c = (R[k, 0] * q0 * R[l, 0] + R[k, 0] * m0 * b[l] + b[k] * m0 * R[l, 0]
-                 + b[k] * rho * b[l] + delta * acc)
-            C[k, l] = c
-            C[l, k] = c
+        # 2. overlaps m_k, C_{k,l} (l <= k): the same closure as the Monte Carlo sweep, D = E[dA dA]
+        _correlate(k, delta, q0, m0, rho, R, b, D, m, C, Y)
         # 3. mean tangent G_{k,.} and kappa_k
         for mm in range(k):
             G[k, mm] = 0.0
