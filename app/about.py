@@ -81,6 +81,8 @@ def parameter_table() -> str:
                 rng = ", ".join(map(str, p.objects))
             elif isinstance(p, param.List):
                 rng = "1 or k numbers"
+            elif isinstance(p, param.Array):
+                rng = "matrix (empty: scalar × I)"
             else:
                 lo, hi = p.bounds or (None, None)
                 rng = f"[{lo:g}, {hi:g}]" if lo is not None else ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import panel as pn
 import param
 
@@ -18,7 +19,7 @@ from solver.config import Experiment
 GROUPS = (
     # Model after the data: the browser test types into the first numeric input (delta)
     ("Data and teacher", ("delta", "teacher", "noise", "flip", "rho")),
-    ("Model", ("model", "k", "kstar", "activation", "v")),
+    ("Model", ("model", "k", "kstar", "activation", "v", "Q0", "M0")),
     ("Loss and initialisation", ("loss", "lam", "q0", "m0")),
     ("Optimiser", ("tau", "batch", "eta")),
     ("Time", ("T", "dt", "record_every")),
@@ -31,11 +32,16 @@ EDITED = tuple(n for _, names in GROUPS for n in names)
 URL_PARAMS = tuple(n for n in EDITED if n != "eta")
 
 #: Parameters that only the committee model uses (shown only when model = 'committee').
-COMMITTEE_ONLY = ("k", "kstar", "activation", "v")
+COMMITTEE_ONLY = ("k", "kstar", "activation", "v", "Q0", "M0")
+#: Matrices typed as text (committee initial overlaps): empty text means None (q0*I, m0*I).
+MATRIX_PLACEHOLDERS = {"Q0": "empty: q₀·I; e.g. 0.05,0.01;0.01,0.05",
+                       "M0": "empty: m₀·I; e.g. 0.1,0;0,0.1"}
 
 LABELS = {
     "model": "Student model", "k": "Student width k", "kstar": "Teacher width k*",
     "activation": "Activation σ", "v": "Second layer v (comma-separated)",
+    "Q0": "Initial overlaps Q(0), k×k (rows separated by ;)",
+    "M0": "Initial overlaps M(0), k×k* (rows separated by ;)",
     "delta": "δ = n/d", "teacher": "Teacher", "noise": "Label noise σ",
     "flip": "Flip probability p", "rho": "Teacher norm ρ", "loss": "Loss", "lam": "Ridge λ",
     "q0": "Initial q₀", "m0": "Initial m₀", "tau": "Temperature τ = η/B", "batch": "Batch B",
@@ -64,6 +70,11 @@ def widget_for(exp: Experiment, name: str):
                                           margin=(2, 10, 0, 10)), w, margin=0,
                              sizing_mode="stretch_width")
         return w
+    if isinstance(p, param.Array):
+        # a matrix edited as text ("0.05,0;0,0.05"); the dashboard parses it (_on_matrix_text)
+        return pn.widgets.TextInput(label=label, value=matrix_text(getattr(exp, name)),
+                                    placeholder=MATRIX_PLACEHOLDERS.get(name, ""),
+                                    description=p.doc, sizing_mode="stretch_width")
     if isinstance(p, param.List):
         # edited as text ("1,0.5"); the dashboard parses it (see Dashboard._on_v_text)
         return pn.widgets.TextInput(label=label, value=list_text(getattr(exp, name)),
@@ -84,6 +95,32 @@ def widget_for(exp: Experiment, name: str):
 def list_text(values) -> str:
     """A list of numbers as the text a TextInput shows: [1.0, 0.5] -> '1,0.5'."""
     return ",".join(f"{float(x):g}" for x in values)
+
+
+def matrix_text(A) -> str:
+    """A matrix as the text a TextInput shows: rows separated by ';', entries by ','
+    ('' for None)."""
+    if A is None:
+        return ""
+    A = np.atleast_2d(np.asarray(A, float))
+    return ";".join(",".join(f"{float(x):g}" for x in row) for row in A)
+
+
+def parse_matrix(text: str):
+    """'0.05,0;0,0.05' -> 2x2 array; '' -> None. ValueError for text that is not a
+    rectangular matrix of finite numbers."""
+    text = (text or "").strip().strip("[]")
+    if not text:
+        return None
+    rows = [r for r in text.replace("],[", ";").split(";") if r.strip()]
+    A = [[float(x) for x in r.replace("[", "").replace("]", "").split(",") if x.strip()]
+         for r in rows]
+    if not A or len({len(r) for r in A}) != 1 or not A[0]:
+        raise ValueError("rows must have the same number of entries, e.g. 0.05,0;0,0.05")
+    A = np.array(A, float)
+    if not np.all(np.isfinite(A)):
+        raise ValueError("entries must be finite")
+    return A
 
 
 def inner_widget(w):

@@ -24,9 +24,9 @@ from solver.config import ConfigError, Experiment
 from . import export, plots, presets
 from .about import about_panel
 from .controls import (COMMITTEE_ONLY, GROUPS, URL_PARAMS, horizon_text, inner_widget,
-                       list_text, widget_for)
+                       list_text, matrix_text, parse_matrix, widget_for)
 from .pool import CapError, check_caps
-from .runner import Runner
+from .runner import Runner, draw_pacer
 from .store import SIMS, THEORY, Store, plan_jobs
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,16 @@ if "bokeh" not in hv.Store.renderers:  # the plots need the Bokeh backend (idemp
 SESSIONS: "weakref.WeakSet[Dashboard]" = weakref.WeakSet()
 
 XAXES = {"time t": "t", "epochs": "epochs", "steps": "sgd_steps"}
+#: At Run, the old curves are cleared together with the theory's first point, or after this
+#: many seconds if it takes longer (a redraw costs ~0.4 s of CPU: one instead of two).
+FIRST_DRAW_WAIT = 0.3
+
+
+def _same_matrix(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    a, b = np.atleast_2d(np.asarray(a, float)), np.atleast_2d(np.asarray(b, float))
+    return a.shape == b.shape and bool(np.array_equal(a, b))
 
 
 def _url_error(values):
@@ -59,7 +69,14 @@ class Dashboard(pn.viewable.Viewer):
     def __init__(self, experiment: Experiment | None = None, engines=None, period_ms: int = 150,
                  max_workers: int | None = None, sync_url: bool = True, **params):
         super().__init__(**params)
-        self.experiment = experiment or Experiment()
+        if experiment is None:  # a new page starts on the default preset (what the menu shows)
+            default = presets.presets()[presets.default_name()]
+            experiment = presets.build(default)
+            if "sims" not in params:
+                self.sims = [s for s in SIMS if s in default.get("sims", [])]
+            if "gd_theory" not in params:
+                self.gd_theory = bool(default.get("gd_theory", True))
+        self.experiment = experiment
         self.runner = Runner(engines, max_workers=max_workers)
         self.store = Store()
         self.period_ms = period_ms
@@ -131,6 +148,9 @@ class Dashboard(pn.viewable.Viewer):
                                                visible=False)
                 ws.append(self.model_note)
                 self.param_widgets["v"].param.watch(self._on_v_text, "value")
+                for name in ("Q0", "M0"):
+                    self.param_widgets[name].param.watch(
+                        lambda e, name=name: self._on_matrix_text(name, e), "value")
             if title == "Optimiser":
                 self.horizon = pn.pane.HTML(horizon_text(exp), sizing_mode="stretch_width",
                                             margin=(0, 10))
@@ -186,6 +206,9 @@ class Dashboard(pn.viewable.Viewer):
         self.json_download = pn.widgets.FileDownload(
             callback=self._json_file, filename="sgf-dmft-config.json",
             label="Configuration (JSON)", color="default", width=170)
+        self.png_download = pn.widgets.FileDownload(
+            callback=self._png_file, filename="sgf-dmft-curves.png", label="PNG of the curves",
+            color="default", width=160)
 
         # distributions
         self.time_player = pn.widgets.DiscretePlayer(label="time t", options=[0.0], value=0.0,
@@ -210,6 +233,15 @@ class Dashboard(pn.viewable.Viewer):
             w = self.param_widgets["v"]
             if w.value != list_text(exp.v):
                 w.value = list_text(exp.v)
+        for name in names & {"Q0", "M0"}:
+            w = self.param_widgets[name]
+            text = matrix_text(getattr(exp, name))
+            try:
+                same = _same_matrix(parse_matrix(w.value), getattr(exp, name))
+            except ValueError:
+                same = False
+            if not same:
+                w.value = text
         if names & {"teacher", "loss", "model"}:
             self._update_relevance()
 
@@ -229,6 +261,20 @@ class Dashboard(pn.viewable.Viewer):
         if self.alert.visible and "Second layer v" in str(self.alert.object):
             self.hide_alert()
 
+    def _on_matrix_text(self, name: str, event):
+        """Parse an initial overlap matrix typed as '0.05,0;0,0.05' into exp.Q0 / exp.M0
+        (empty text: None, i.e. q0*I / m0*I; invalid text: an alert; the shape is checked at
+        Run by Experiment.validate)."""
+        try:
+            A = parse_matrix(event.new)
+        except ValueError as e:
+            self.show_alert(f"<b>Initial overlaps {name} not applied</b>: {e}", kind="warning")
+            return
+        if not _same_matrix(A, getattr(self.experiment, name)):
+            setattr(self.experiment, name, A)
+        if self.alert.visible and f"Initial overlaps {name}" in str(self.alert.object):
+            self.hide_alert()
+
     def _update_relevance(self):
         """Show or disable the widgets that the current model and teacher use."""
         exp = self.experiment
@@ -246,9 +292,8 @@ class Dashboard(pn.viewable.Viewer):
                 '<div class="sgf-note">Two-layer committee ŷ = (1/k) Σₐ vₐ σ(hₐ) with a fixed '
                 'second layer, trained with the <b>square loss</b> on the <b>teacher</b> '
                 'y = (1/k*) Σ_b σ(h*_b) + σ ε: loss and teacher are set to square / linear '
-                '(and locked) while this model is selected. ρ, q₀, m₀ set ρ·I, q₀·I, m₀·I. '
-                'The Monte Carlo DMFT needs a smooth σ (erf, tanh); for relu use the DMFT '
-                'method \'online\'.</div>')
+                '(and locked) while this model is selected. ρ sets ρ·I; q₀, m₀ set Q(0) = q₀·I, '
+                'M(0) = m₀·I unless full matrices are typed above (rows separated by ;).</div>')
 
     def _on_preset(self, event):
         self.apply_preset(event.new)
@@ -279,10 +324,12 @@ class Dashboard(pn.viewable.Viewer):
             pn.Row(pn.pane.HTML('<span class="sgf-wlabel">Runs shown</span>', width=90,
                                 margin=(14, 0, 0, 10)),
                    self.visible_widget, pn.HSpacer(), self.csv_download, self.json_download,
-                   sizing_mode="stretch_width"),
+                   self.png_download, sizing_mode="stretch_width"),
             self.runs_table,
-            pn.pane.HTML('<div class="sgf-note">PNG: use the save tool (⤓) of the plots\' '
-                         'toolbar. Link: the address bar holds the whole configuration.</div>',
+            pn.pane.HTML('<div class="sgf-note">PNG of the curves: drawn on the server as '
+                         'shown (axes, log scales, runs shown); the save tool (⤓) of the '
+                         'plots\' toolbar saves the live plots from the browser. Link: the '
+                         'address bar holds the whole configuration.</div>',
                          sizing_mode="stretch_width"),
             sizing_mode="stretch_width")
         curves_tab = pn.Column(plot_controls, self.legend, self.curves_pane, runs_box,
@@ -311,9 +358,12 @@ class Dashboard(pn.viewable.Viewer):
                          'seeds) at the recorded time nearest to the chosen one.</div>',
                          sizing_mode="stretch_width"),
             sizing_mode="stretch_width")
+        from .sweep_tab import SweepTab  # the Sweep tab (phase diagrams), app/sweep_tab.py
+
+        self.sweep_tab = SweepTab(self)
         self.tabs = pn.Tabs(("Curves", curves_tab), ("Distributions", dist_tab),
                             ("Kernels", kern_tab), ("Overlaps", overlaps_tab),
-                            ("About", about_panel()),
+                            ("Sweep", self.sweep_tab), ("About", about_panel()),
                             sizing_mode="stretch_width", dynamic=True)
         self.main = pn.Column(self.alert, self.tabs, sizing_mode="stretch_width")
         self.sidebar = pn.Column(
@@ -421,7 +471,7 @@ class Dashboard(pn.viewable.Viewer):
     def _planned_specs(self) -> list:
         """The series the next Run will draw (so that the first Run needs no new plots)."""
         try:
-            jobs = plan_jobs(self.experiment, self.sims, self.gd_theory)
+            jobs = plots.label_jobs(plan_jobs(self.experiment, self.sims, self.gd_theory))
         except ConfigError:
             return []
         return [plots.SeriesSpec(plots.sid(0, j.key), j.key, j.label, j.kind == "theory", 0)
@@ -434,8 +484,9 @@ class Dashboard(pn.viewable.Viewer):
         self._curves_dirty = False
         cost = time.perf_counter() - t0
         self.plot_cost = cost
-        # adaptive rate: drawing takes at most about a quarter of the session's time
-        self._next_draw = time.perf_counter() + max(self.period_ms / 1000.0, 3.0 * cost)
+        # adaptive rate: all sessions together draw at most a quarter of the server's time
+        self._next_draw = time.perf_counter() + draw_pacer().delay(self, cost,
+                                                                   self.period_ms / 1000.0)
 
     def _dist_times(self):
         cur = self.store.current
@@ -484,7 +535,8 @@ class Dashboard(pn.viewable.Viewer):
         self._send_overlaps()
         self._dists_dirty = False
         cost = time.perf_counter() - t0
-        self._next_dist_draw = time.perf_counter() + max(self.period_ms / 1000.0, 3.0 * cost)
+        self._next_dist_draw = time.perf_counter() + draw_pacer().delay(
+            self, cost, self.period_ms / 1000.0)
 
     def _update_times(self):
         ts = self._dist_times()
@@ -504,7 +556,7 @@ class Dashboard(pn.viewable.Viewer):
         with self._lock:
             self.hide_alert()
             try:
-                jobs = plan_jobs(self.experiment, self.sims, self.gd_theory)
+                jobs = plots.label_jobs(plan_jobs(self.experiment, self.sims, self.gd_theory))
                 check_caps(self.experiment, self.sims)
             except CapError as e:
                 self.show_alert(f"<b>Over this server's limit — {e.param}</b>: {e}")
@@ -525,6 +577,10 @@ class Dashboard(pn.viewable.Viewer):
             self.run_button.label = "▶ Run again"
             self.stop_button.disabled = False
             self._rebuild_plots()
+            if self._curves_dirty:
+                # same plots: clear the old curves with the theory's first point (usually
+                # < 0.2 s away; one redraw instead of two), or after FIRST_DRAW_WAIT
+                self._next_draw = time.perf_counter() + FIRST_DRAW_WAIT
             self._update_status()
             return True
 
@@ -545,6 +601,48 @@ class Dashboard(pn.viewable.Viewer):
         with self._lock:
             self.store.clear_kept()
             self._rebuild_plots()
+
+    def open_result(self, config: dict, result=None, label: str = "") -> bool:
+        """Open a run from elsewhere (the Sweep tab): set the configuration to ``config`` and
+        show ``result`` (a finished DMFT :class:`~solver.snapshot.Result`) as the current run's
+        theory curve, without computing; without a result, Run the configuration."""
+        import html
+
+        from solver.config import names as param_names
+
+        from .runner import Job
+
+        with self._lock:
+            new = Experiment.from_dict(config)
+            old, cfg = self.experiment.to_dict(), new.to_dict()
+            changed = {k: getattr(new, k) for k in param_names()
+                       if k != "eta" and old.get(k) != cfg.get(k)}
+            if changed:
+                self.experiment.param.update(**changed)
+            if result is None or not result.snapshots:
+                return self.run()
+            self.hide_alert()
+            self.stop()  # a run in progress stops (its events would not match the new id)
+            self._opened = getattr(self, "_opened", 0) - 1
+            theory_exp = self.experiment.copy(algo="sgf", sampling="fresh")
+            job = Job(THEORY, "theory", theory_exp, plots.theory_label(theory_exp))
+            run = self.store.new_run([job], self.experiment, [], self._opened)
+            s = run.series[THEORY]
+            for snap in result.snapshots:
+                s.add(snap)
+            ok = result.status in ("ok", "")
+            s.status, s.message = ("done", "") if ok else ("error", result.message)
+            s.progress, s.t_first, s.t_end = 1.0, 0.0, 0.0
+            self.follow = True
+            self._reported = False
+            self.stop_button.disabled = True
+            self._rebuild_plots()
+            self._update_times()
+            self._update_status()
+            self.status.object = (f'<div class="sgf-status"><b>{html.escape(label or "Opened")}'
+                                  '</b>: DMFT curves from the sweep, not recomputed; Run adds '
+                                  'the simulations.</div>')
+            return True
 
     def _on_visible(self, event):
         with self._lock:
@@ -612,6 +710,8 @@ class Dashboard(pn.viewable.Viewer):
                 kt = s.kernels_t if s else None
                 if run.apply(ev):
                     self._curves_dirty = True
+                    if ev.key == THEORY and len(s) == 1:
+                        self._next_draw = 0.0  # the theory's first point is drawn at once
                     dists |= len(s.dists) != nd or run.committee
                     kern |= s.kernels_t != kt
             now = time.perf_counter()
@@ -702,6 +802,25 @@ class Dashboard(pn.viewable.Viewer):
     def _json_file(self):
         return io.StringIO(self.config_json())
 
+    def curves_png(self, dpi: int = 100) -> bytes:
+        """PNG of the curve plots as shown (server side, matplotlib; see export.curves_png)."""
+        with self._lock:
+            if self.grid is None:
+                self._rebuild_plots()
+            data = plots.curve_data(self._runs_and_styles(), self.xaxis)
+            run = self.store.current
+            title = f"sgf-dmft · {run.label}: {run.summary()}" if run else None
+            return export.curves_png(self.grid, data, dpi=dpi, title=title)
+
+    def _png_file(self):
+        try:
+            return io.BytesIO(self.curves_png())
+        except Exception as e:  # noqa: BLE001 - e.g. matplotlib missing: say so, do not crash
+            log.exception("PNG export failed")
+            self.show_alert(f"<b>PNG export failed</b>: {type(e).__name__}: {e}",
+                            kind="warning")
+            return None
+
     # --- URL ----------------------------------------------------------------------------
     def sync_location(self, location):
         """The URL's query string follows the configuration (and sets it on load)."""
@@ -727,6 +846,7 @@ class Dashboard(pn.viewable.Viewer):
                 pass
             self._pc = None
         self.runner.shutdown()
+        self.sweep_tab.close()
         self.store = Store()
         SESSIONS.discard(self)
 

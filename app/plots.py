@@ -40,6 +40,24 @@ XLABELS = {"t": "time t (= steps·η/d)", "epochs": "epochs (passes over the dat
            "sgd_steps": "optimiser steps (SGD t·d/η, GD t/dt)"}
 MAX_MARKERS = 24
 MAX_KERNEL = 160
+#: Theory series are labelled by the method actually used (legends, hover, status, CSV).
+METHOD_LABELS = {"mc": "DMFT mc", "exact": "DMFT exact", "online": "online ODEs"}
+
+
+def theory_label(exp, gd: bool = False) -> str:
+    """'theory (DMFT mc)', 'theory (DMFT exact)', 'theory (online ODEs)'; for the tau = 0
+    theory of GD 'GD theory τ=0 (DMFT mc)'."""
+    method = exp.resolved_method()
+    m = METHOD_LABELS.get(method, method)
+    return f"GD theory τ=0 ({m})" if gd else f"theory ({m})"
+
+
+def label_jobs(jobs):
+    """Set the label of every theory job from its method (in place; returns ``jobs``)."""
+    for j in jobs:
+        if j.kind == "theory":
+            j.label = theory_label(j.exp, gd=j.key == THEORY_GD)
+    return jobs
 
 
 @dataclass(frozen=True)
@@ -128,6 +146,9 @@ class CurveGrid:
         tools = dict(default_tools=["pan", "wheel_zoom", "box_zoom", "reset", "save"],
                      active_tools=["wheel_zoom"], show_grid=True)
         empty2, empty3 = (np.empty(0),) * 2, (np.empty(0),) * (len(vd) + 1)
+        # hover: which series (its label names the theory's method), then the exact values
+        hover = [("series", "$label"), (X.label, f"@{{{self.axis}}}"), (Y.label, f"@{{{obs}}}"),
+                 ("± SE", f"@{{{obs}_se}}")] + ([] if self.axis == "t" else [("t", "@{t}")])
         els = []
         for sp in self.specs:
             if sp.theory:
@@ -138,7 +159,8 @@ class CurveGrid:
                     **common)))
                 els.append((sp, "line", hv.Curve(empty3, X, vd, label=sp.label).opts(
                     color=sp.color, line_width=2.2 if sp.style == 0 else 1.6,
-                    line_dash=sp.dash, tools=["hover"], **common, **tools)))
+                    line_dash=sp.dash, tools=["hover"], hover_tooltips=hover, **common,
+                    **tools)))
             else:
                 hollow = sp.style != 0
                 els.append((sp, "thin", hv.Curve(empty2, X, Y, label=sp.label).opts(
@@ -150,7 +172,7 @@ class CurveGrid:
                 els.append((sp, "marks", hv.Scatter(empty3, X, vd, label=sp.label).opts(
                     color=sp.color, marker=sp.marker, size=6 if hollow else 7,
                     fill_alpha=0.0 if hollow else 1.0, line_width=1.4, tools=["hover"],
-                    **common)))
+                    hover_tooltips=hover, **common)))
         if not els:
             els.append((None, "none", hv.Curve(empty2, X, Y).opts(**common, **tools)))
         ov = hv.Overlay([e for _, _, e in els]).opts(title=self.titles.get(obs, obs), **common)
@@ -411,7 +433,8 @@ def legend_html(specs: list[SeriesSpec], run_labels: dict[int, str] | None = Non
             sw = (f'<svg width="34" height="12"><rect x="0" y="2" width="34" height="8" '
                   f'fill="{sp.color}" fill-opacity="0.18"/><line x1="0" y1="6" x2="34" y2="6" '
                   f'stroke="{sp.color}" stroke-width="2.2"/></svg>')
-            text = sp.label + " (band ±1 SE)" if sp.key == THEORY else sp.label
+            # a band only where the theory has Monte Carlo errors
+            text = sp.label + (" (band ±1 SE)" if METHOD_LABELS["mc"] in sp.label else "")
         else:
             shape = {"circle": f'<circle cx="17" cy="6" r="4" fill="{sp.color}"/>',
                      "square": f'<rect x="13" y="2" width="8" height="8" fill="{sp.color}"/>',

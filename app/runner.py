@@ -251,3 +251,55 @@ class Runner:
         if timeout:
             self.join(timeout)
         self.engines.clear()
+
+
+class DrawPacer:
+    """Process-wide pacing of the sessions' redraws: every session draws on the one event
+    loop of the server, so their drawing must share it.
+
+    A session reports each redraw's cost (seconds of the loop it took) with :meth:`delay`,
+    which returns how long the session waits before its next redraw:
+    ``max(period, cost * (active / share - 1))``, ``active`` = the sessions that drew in the
+    last ``window`` seconds. Together the sessions then spend at most about ``share`` of the
+    loop's time drawing, and widget events find it free the rest of the time. One session
+    alone waits ``3 * cost`` at the default ``share = 0.25`` (the per-session rule this
+    replaces); ten sessions each wait ``39 * cost``. ``SGF_DMFT_DRAW_SHARE`` sets ``share``.
+    Holds no references to sessions (keys are ids).
+    """
+
+    def __init__(self, share: float = 0.25, window: float = 3.0):
+        self.share = min(1.0, max(0.01, float(share)))
+        self.window = window
+        self._last: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def delay(self, session: object, cost: float, period: float) -> float:
+        now = time.perf_counter()
+        with self._lock:
+            self._last[id(session)] = now
+            for k in [k for k, t in self._last.items() if now - t > self.window]:
+                del self._last[k]
+            active = len(self._last)
+        return max(period, cost * (active / self.share - 1.0))
+
+    def active(self) -> int:
+        now = time.perf_counter()
+        with self._lock:
+            return sum(now - t <= self.window for t in self._last.values())
+
+
+_PACER: DrawPacer | None = None
+
+
+def draw_pacer() -> DrawPacer:
+    """The process-wide :class:`DrawPacer` (``SGF_DMFT_DRAW_SHARE``, default 0.25)."""
+    global _PACER
+    if _PACER is None:
+        import os
+
+        try:
+            share = float(os.environ.get("SGF_DMFT_DRAW_SHARE", "") or 0.25)
+        except ValueError:
+            share = 0.25
+        _PACER = DrawPacer(share)
+    return _PACER

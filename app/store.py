@@ -49,12 +49,6 @@ def plan_jobs(exp: Experiment, sims, gd_theory: bool = True) -> list[Job]:
     theory of gradient descent with step dt.
     """
     exp.validate()
-    if (exp.model == "committee" and exp.activation == "relu"
-            and exp.resolved_method() == "mc"):
-        raise ConfigError("method", "the Monte Carlo DMFT of the committee needs a smooth "
-                                    "activation (erf, tanh): relu'' has a delta mass at 0. "
-                                    "Set the DMFT method to 'online' (the online ODEs, δ → ∞, "
-                                    "which handle relu) or pick erf / tanh")
     records = exp.steps // exp.record_every + 1
     if records > MAX_RECORDS:
         raise ConfigError("record_every", f"T/dt/record_every = {records} recording times is "

@@ -1,17 +1,22 @@
 """Speed and accuracy of the Monte Carlo DMFT solver (solver.dmft.glm) against a Picard baseline.
 
-Run:  python benchmarks/dmft.py [--quick] [--no-write] [--samples N] [--picard-samples N]
-                                [--no-picard]
+Run:  python benchmarks/dmft.py [--quick] [--no-write] [--samples N] [--full-samples N]
+                                [--spread-seeds S] [--picard-samples N] [--no-picard]
 
 Configuration (the issue's benchmark): logistic loss, sign teacher, tau = 0.5, delta = 2,
 lambda = 0.01, T = 10, dt = 0.05 (K = 200 steps).
 
-* Headline, N = 24000 and 60000 (the latter: test-loss standard error about 0.1% at T, measured
-  from independent solves; docs/theory.md): the engine as shipped
-  (``glm.stream``: the population plus the replica populations that give the standard errors,
-  snapshots and extras included; time to the first snapshot) and the forward sweep alone (one
-  population of N, no replicas: the work that makes the curves). Kernels compiled and cached
-  beforehand. Peak memory: ``ru_maxrss`` of this process after the engine run.
+* Headline: the engine as shipped (``glm.stream``: the population plus the replica populations
+  that give the standard errors, snapshots and extras included; time to the first snapshot) and
+  the forward sweep alone (one population of N, no replicas: the work that makes the curves),
+  at N = 120000 with the subset tangent of ``glm.tangent_plan`` (N_t = N/4; test-loss standard
+  error about 0.1% at T, docs/theory.md "Subset tangent"), and for comparison at N = 70000
+  with the tangent on every trajectory (the same error the old way). Kernels compiled and
+  cached beforehand. Peak memory: ``ru_maxrss`` of this process after the engine run (the
+  process's maximum so far: the shipped rows run first). The reported standard error is
+  checked against the seed-to-seed spread of ``--spread-seeds`` solves of the shipped
+  configuration (the engine's and further sweeps with other seeds; the spread of S solves is
+  itself uncertain by about 1/sqrt(2 (S-1))).
 * Baseline at N = 8000: damped fixed-point (Picard) iteration of the same discretisation
   (Gerbelot et al. style): given kernels (G, kappa, E[dA dA]) for the whole horizon, compute
   R, b, C, m, simulate the population over all K steps, recompute the kernels, mix them with
@@ -19,7 +24,8 @@ lambda = 0.01, T = 10, dt = 0.05 (K = 200 steps).
   its Monte Carlo standard error between iterations. Common random numbers (same seed every
   iteration), so the fixed point is exactly the sweep's solution; the table reports the
   distance to it, and the time ratio is the ratio at equal accuracy. Its time is the sum of the
-  iterations' times (with --quiet-load each iteration starts on a quiet machine).
+  iterations' times (with --quiet-load each iteration starts on a quiet machine). Sweep and
+  Picard both compute the tangent on every trajectory here.
 
 Every timing is the best of ``REPEATS`` runs (the machine is shared; ``--quiet-load 0.5`` waits
 for a quiet machine before each run). Writes its table into the
@@ -72,21 +78,27 @@ def curves_of(pop, exp, g=0):
             "test_loss": np.asarray(metrics(m, np.maximum(Q, 0), exp)["test_loss"], float)}
 
 
-def sweep(exp):
-    """The forward sweep alone: one population, all K+1 steps."""
-    pop = glm.Populations(exp, [exp.samples])
+def tangent_size(N, full=False):
+    """N_t of the main population: all N with ``full``, else the engine's rule."""
+    return N if full else glm.tangent_plan([N])[0]
+
+
+def sweep(exp, full=False):
+    """The forward sweep alone: one population (tangent on N_t of it), all K+1 steps."""
+    pop = glm.Populations(exp, [exp.samples], tangent_sizes=[tangent_size(exp.samples, full)])
     for k in range(exp.steps + 1):
         pop.step(k)
     return curves_of(pop, exp)
 
 
-def engine(exp):
-    """The shipped engine: stream with replicas; returns (result curves, se curves, t_first)."""
+def engine(exp, full=False):
+    """The shipped engine: stream with replicas; returns (result curves, se curves, t_first).
+    ``full``: tangent on every trajectory (``tangent_divisor=1``)."""
     t0 = time.perf_counter()
     t_first = None
     vals = {k: [] for k in CURVES + EXTRA}
     ses = {k: [] for k in CURVES + EXTRA}
-    for snap in glm.stream(exp):
+    for snap in glm.stream(exp, **({"tangent_divisor": 1} if full else {})):
         if t_first is None:
             t_first = time.perf_counter() - t0
         for k in CURVES + EXTRA:
@@ -166,14 +178,23 @@ def wait_quiet():
             return
 
 
+#: CPU seconds (this process, all threads) of the best run of the last call to best()
+LAST_CPU = math.nan
+
+
 def best(fn, reps=REPEATS):
+    """(best wall time, result); LAST_CPU: the CPU time of that run (steadier on a shared
+    machine, where wall times of parallel runs vary by tens of percent)."""
+    global LAST_CPU
     out, res = [], None
     for _ in range(reps):
         wait_quiet()
         t0 = time.perf_counter()
+        c0 = time.process_time()
         res = fn()
-        out.append(time.perf_counter() - t0)
-    return min(out), res
+        out.append((time.perf_counter() - t0, time.process_time() - c0))
+    wall, LAST_CPU = min(out)
+    return wall, res
 
 
 def main(argv=None):
@@ -181,7 +202,13 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="T = 3, small N: a smoke run")
     ap.add_argument("--no-write", action="store_true", help="leave docs/benchmarks.md alone")
     ap.add_argument("--samples", default=None,
-                    help="comma-separated N of the headline runs (default 24000,60000)")
+                    help="comma-separated N of the headline runs as shipped (default 120000)")
+    ap.add_argument("--full-samples", default=None,
+                    help="comma-separated N of headline runs with the tangent on every "
+                         "trajectory (default 70000; 0: none)")
+    ap.add_argument("--spread-seeds", type=int, default=None,
+                    help="independent sweeps of the last shipped N for the seed spread "
+                         "(default 4; 0: none)")
     ap.add_argument("--picard-samples", type=int, default=None,
                     help="N of the sweep-vs-Picard comparison (default 8000)")
     ap.add_argument("--no-picard", action="store_true", help="skip the Picard baseline")
@@ -192,7 +219,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     global QUIET_LOAD
     QUIET_LOAD = args.quiet_load
-    Ns = [int(x) for x in (args.samples or ("4000" if args.quick else "24000,60000")).split(",")]
+    Ns = [int(x) for x in (args.samples or ("16384" if args.quick else "120000")).split(",")]
+    Nf = [int(x) for x in (args.full_samples or ("4096" if args.quick else "70000")).split(",")
+          if int(x) > 0]
+    S = args.spread_seeds if args.spread_seeds is not None else (3 if args.quick else 4)
     Np = args.picard_samples or (2000 if args.quick else 8000)
     threads = os.environ.get("NUMBA_NUM_THREADS", "default")
     exp = config(Ns[0], args.quick)
@@ -202,26 +232,41 @@ def main(argv=None):
     list(glm.stream(exp.copy(T=0.2, samples=64)))  # compile / load the cached kernels
     # --- headline: the engine at N -----------------------------------------------------------
     heads = []
-    for N in Ns:
+    # shipped rows first: peak RSS is the process's maximum so far
+    for N, full in [(n, False) for n in Ns] + [(n, True) for n in Nf]:
         ex = config(N, args.quick)
-        t_engine, (vals, se, t_first) = best(lambda: engine(ex))
+        t_engine, (vals, se, t_first) = best(lambda: engine(ex, full))
+        c_engine = LAST_CPU
         mem = peak_mb()
-        t_sweep, _ = best(lambda: sweep(ex))
+        t_sweep, _ = best(lambda: sweep(ex, full))
+        c_sweep = LAST_CPU
         sizes = glm.replica_plan(N)
+        tsizes = list(sizes) if full else glm.tangent_plan(sizes)
         rel = se["test_loss"][-1] / vals["test_loss"][-1]
-        print(f"N={N}: engine (+{len(sizes) - 1} replicas of {sizes[-1]}) {t_engine:.2f} s, "
-              f"first snapshot after {1e3 * t_first:.1f} ms, peak RSS {mem:.0f} MB; sweep alone "
-              f"{t_sweep:.2f} s; test loss at T {vals['test_loss'][-1]:.5f} +- "
-              f"{se['test_loss'][-1]:.5f} ({100 * rel:.3f}%); load {os.getloadavg()[0]:.1f}",
-              flush=True)
-        heads.append(dict(N=N, sizes=sizes, t_engine=t_engine, t_sweep=t_sweep,
-                          t_first=t_first, mem=mem, vals=vals, se=se))
+        print(f"N={N} N_t={tsizes[0]}: engine (+{len(sizes) - 1} replicas of {sizes[-1]}) "
+              f"{t_engine:.2f} s ({c_engine:.1f} CPU s), first snapshot after {1e3 * t_first:.1f} ms, peak RSS "
+              f"{mem:.0f} MB; sweep alone {t_sweep:.2f} s ({c_sweep:.1f} CPU s); test loss at T "
+              f"{vals['test_loss'][-1]:.5f} +- {se['test_loss'][-1]:.5f} ({100 * rel:.3f}%); "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
+        heads.append(dict(N=N, sizes=sizes, tsizes=tsizes, full=full, t_engine=t_engine,
+                          t_sweep=t_sweep, c_engine=c_engine, c_sweep=c_sweep, t_first=t_first, mem=mem, vals=vals, se=se,
+                          spread=None))
+    # --- the reported se against the seed spread (shipped configuration, last N) ------------
+    if S >= 2 and Ns:
+        h = [x for x in heads if not x["full"]][-1]
+        tl = [h["vals"]["test_loss"][-1]]
+        for s in range(1, S):
+            tl.append(sweep(config(h["N"], args.quick).copy(seed=s))["test_loss"][-1])
+        h["spread"] = (float(np.std(tl, ddof=1)), len(tl))
+        print(f"N={h['N']}: seed spread of the test loss at T over {len(tl)} solves "
+              f"{h['spread'][0]:.5f} ({100 * h['spread'][0] / np.mean(tl):.3f}%), reported se "
+              f"{h['se']['test_loss'][-1]:.5f}", flush=True)
     # --- sweep against Picard at equal accuracy ----------------------------------------------
     rows = []
     if not args.no_picard:
         ep = config(Np, args.quick)
-        t_sw, ref = best(lambda: sweep(ep))
-        _, (v_p, se_p, _) = best(lambda: engine(ep), reps=1)
+        t_sw, ref = best(lambda: sweep(ep, full=True))  # Picard's populations: full tangent
+        _, (v_p, se_p, _) = best(lambda: engine(ep, full=True), reps=1)
         rows.append(("forward sweep", t_sw, 1.0, "1", "0"))
         for alpha in (float(a) for a in args.alphas.split(",")):
             cur, its, t_p, ok = picard(ep, se_p, alpha)
@@ -243,19 +288,26 @@ def render(exp, heads, Np, rows, threads):
              f"({os.cpu_count()} cores, NUMBA_NUM_THREADS={threads}, load average "
              f"{os.getloadavg()[0]:.1f} at the end), `python benchmarks/dmft.py`: logistic "
              f"loss, sign teacher, tau = {exp.tau}, delta = {exp.delta}, lambda = {exp.lam}, "
-             f"T = {exp.T}, dt = {exp.dt} (K = {exp.steps}). Wall times, best of {REPEATS}.", "",
-             "| N | replicas | engine (s) | sweep alone (s) | first snapshot (ms) | peak RSS (MB) "
-             "| test loss at T | se (%) |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"T = {exp.T}, dt = {exp.dt} (K = {exp.steps}). Wall times, best of {REPEATS}. "
+             "N_t: trajectories that compute the tangent (main population / each replica).", "",
+             "Times: wall seconds (CPU seconds of the same run, all threads).", "",
+             "| tangent | N | N_t | replicas | engine (s) | sweep alone (s) | first snapshot (ms) "
+             "| peak RSS (MB) | test loss at T | se (%) | seed spread (%) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for h in heads:
-        v, e, sz = h["vals"], h["se"], h["sizes"]
-        lines.append(f"| {h['N']} | {len(sz) - 1} x {sz[-1]} | {h['t_engine']:.2f} | "
-                     f"{h['t_sweep']:.2f} | {1e3 * h['t_first']:.0f} | {h['mem']:.0f} | "
-                     f"{v['test_loss'][-1]:.5f} +- {e['test_loss'][-1]:.5f} | "
-                     f"{100 * e['test_loss'][-1] / v['test_loss'][-1]:.3f} |")
-    h = heads[-1]
+        v, e, sz, ts = h["vals"], h["se"], h["sizes"], h["tsizes"]
+        tl = v["test_loss"][-1]
+        spread = (f"{100 * h['spread'][0] / tl:.3f} ({h['spread'][1]} solves)"
+                  if h["spread"] else "")
+        lines.append(f"| {'all' if h['full'] else 'subset (shipped)'} | {h['N']} | "
+                     f"{ts[0]} / {ts[-1]} | {len(sz) - 1} x {sz[-1]} | {h['t_engine']:.2f} "
+                     f"({h['c_engine']:.1f}) | {h['t_sweep']:.2f} ({h['c_sweep']:.1f}) | "
+                     f"{1e3 * h['t_first']:.0f} | {h['mem']:.0f} | "
+                     f"{tl:.5f} +- {e['test_loss'][-1]:.5f} | "
+                     f"{100 * e['test_loss'][-1] / tl:.3f} | {spread} |")
+    h = ([x for x in heads if not x["full"]] or heads)[-1]
     v, e = h["vals"], h["se"]
-    lines += ["", f"At T (N = {h['N']}): test error {v['test_error'][-1]:.4f}, m "
+    lines += ["", f"At T (N = {h['N']}, shipped): test error {v['test_error'][-1]:.4f}, m "
               f"{v['m'][-1]:.4f} +- {e['m'][-1]:.4f}, Q {v['Q'][-1]:.3f} +- {e['Q'][-1]:.3f}, "
               f"train loss {v['train_loss'][-1]:.4f} +- {e['train_loss'][-1]:.4f}. Peak RSS is "
               "the whole process (Python, numba, the largest run so far)."]

@@ -20,6 +20,13 @@ a free one), then with a headless chromium (Playwright; ``/usr/bin/chromium`` or
 3. ``--cycles`` open/close cycles (a page loads the dashboard, then closes): threads and RSS
    after they are destroyed, against the baseline.
 
+One chromium process serves every session (one browser context each). The browser pages run on
+the same cores as the server, so the latencies seen in the pages are split with the server's
+own figures (``SGF_DMFT_LATENCY_LOG``, app/setup.py): ``server_ws_ms``, from the browser's new
+value arriving at the server to the server sending the dependent "n = δd" update, and
+``loop_lag_ms``, the delay of a callback on the server's event loop sampled every 0.25 s (the
+least time any browser event waits), each while the pages load and while the runs go on.
+
 Bounded: at most 40 sessions and 500 cycles; every wait has a timeout and the whole run stops
 at ``--timeout`` seconds; the server is killed (its process group) on exit.
 """
@@ -104,7 +111,7 @@ class Sampler:
         self._th.join(5)
 
 
-def start_server(port: int) -> subprocess.Popen:
+def start_server(port: int, latency_log: str | None = None) -> subprocess.Popen:
     cmd = dockerfile_cmd()
     exe = Path(sys.executable).parent / cmd[0]
     if not exe.exists():
@@ -114,6 +121,8 @@ def start_server(port: int) -> subprocess.Popen:
     cmd[cmd.index("--address") + 1] = "127.0.0.1"  # loopback only
     env = dict(os.environ, BOKEH_ALLOW_WS_ORIGIN=f"127.0.0.1:{port}")
     env.setdefault("NUMBA_NUM_THREADS", "2")
+    if latency_log:
+        env["SGF_DMFT_LATENCY_LOG"] = latency_log
     log = open(ROOT / "test-results" / "load-server.log", "w") if (
         ROOT / "test-results").is_dir() else subprocess.DEVNULL
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -135,10 +144,10 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
     raise SystemExit(f"server did not answer {url} within {timeout} s")
 
 
-async def settle(pid: int, target_threads: int | None, min_wait: float = 36.0,
+async def settle(pid: int, target_threads: int | None, min_wait: float = 45.0,
                  timeout: float = 90.0) -> tuple[dict, float]:
     """Wait ``min_wait`` s (Bokeh destroys a closed session within its unused-session check,
-    17 s, plus its lifetime, 15 s), then until the server has at most ``target_threads``
+    17 s, plus its lifetime, 15 s; the server collects garbage 5 s later), then until the server has at most ``target_threads``
     threads (idle pool workers end after 5 s); returns (status, seconds waited)."""
     t0 = time.monotonic()
     await asyncio.sleep(min_wait)
@@ -149,6 +158,29 @@ async def settle(pid: int, target_threads: int | None, min_wait: float = 36.0,
             break
         await asyncio.sleep(1.0)
     return st, time.monotonic() - t0
+
+
+def latency_summary(path: str, windows: dict) -> dict:
+    """Server-side latencies (ms) logged in each wall-clock window: median, p90, max, n."""
+    rows = []
+    try:
+        with open(path) as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    live = [r for r in rows if r["kind"] == "live"]
+    if live:  # Dashboards alive after the server's last garbage collection
+        out["live_dashboards_last"] = live[-1]["dashboards"]
+        out["live_dashboards_max"] = max(r["dashboards"] for r in live)
+    for name, (t0, t1) in windows.items():
+        for kind, label in (("ws", "server_ws_ms"), ("lag", "loop_lag_ms")):
+            ms = sorted(r["ms"] for r in rows if r["kind"] == kind and t0 <= r["t"] <= t1)
+            if ms:
+                out[f"{label}_{name}"] = {"median": statistics.median(ms),
+                                          "p90": ms[int(0.9 * (len(ms) - 1))],
+                                          "max": ms[-1], "n": len(ms)}
+    return out
 
 
 async def open_page(browser, url: str, timeout_ms: int = 120_000):
@@ -214,7 +246,12 @@ async def main_async(args) -> dict:
                  "command": None, "cores": os.cpu_count()}
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = start_server(port)
+    import tempfile
+
+    lat_log = tempfile.NamedTemporaryFile(prefix="sgf-latency-", suffix=".jsonl",
+                                          delete=False).name
+    proc = start_server(port, lat_log)
+    windows: dict = {}
     res["command"] = " ".join(dockerfile_cmd())
     t_all = time.monotonic()
     try:
@@ -243,9 +280,12 @@ async def main_async(args) -> dict:
                        and time.monotonic() - t_load < 120 + 10 * args.sessions):
                     await asyncio.sleep(0.2)
                 res["load_s"] = round(time.monotonic() - t_load, 1)
+                windows["load"] = (time.time() - (time.monotonic() - t_load), time.time())
                 res["loaded"] = proc_status(pid)
                 start.set()
+                t_runs = time.time()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                windows["runs"] = (t_runs, time.time())
             res["peak"] = {"rss_mib": smp.peak_rss, "threads": smp.peak_threads}
             # Panel's --num-threads executor may keep its (at most 2) threads once started
             after, waited = await settle(pid, base_st["threads"] + 2, timeout=90.0)
@@ -285,6 +325,11 @@ async def main_async(args) -> dict:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    res["server_latency"] = latency_summary(lat_log, windows)
+    try:
+        os.unlink(lat_log)
+    except OSError:
+        pass
     res["total_s"] = round(time.monotonic() - t_all, 1)
     return res
 

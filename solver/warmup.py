@@ -23,9 +23,21 @@ def _tiny_configs():
     yield Experiment(loss="logistic", teacher="sign", algo="sgd", sampling="reshuffle", batch=2, **base)
 
 
+def _committee_configs():
+    """Tiny committee problems (k = k* = 2): SGF and SGD in the simulator (GD shares SGF's
+    kernel), the Monte Carlo DMFT, the online ODEs. The activation is a run-time code in every
+    numba kernel, so erf compiles them all, except the online ODEs' relu and tanh averages."""
+    base = dict(model="committee", loss="square", teacher="linear", k=2, kstar=2, q0=0.1, m0=0.2,
+                d=20, delta=2.0, T=0.2, dt=0.05, samples=64, seeds=1, batch=2)
+    for algo in ("sgf", "sgd"):
+        yield Experiment(algo=algo, activation="erf", **base)
+
+
 def warmup(verbose: bool = False) -> float:
     """Run every engine once on a tiny problem; returns seconds spent. Thread-safe, idempotent."""
     from . import dmft, simulate
+    from .committee import online
+    from .dmft import committee
 
     with _lock:
         if _done.is_set():
@@ -40,6 +52,15 @@ def warmup(verbose: bool = False) -> float:
             for method in ("mc", "online") + (("exact",) if exp.resolved_method() == "exact" else ()):
                 for _ in dmft.stream(exp.copy(method=method)):
                     pass
+        for exp in _committee_configs():
+            for _ in simulate.stream(exp):
+                pass
+            if exp.algo == "sgf":
+                for _ in committee.stream(exp, replicas=0):
+                    pass
+                for act in ("erf", "relu", "tanh"):
+                    for _ in online.stream(exp.copy(activation=act, T=0.1)):
+                        pass
         _done.set()
         dt = time.perf_counter() - t0
         if verbose:

@@ -205,8 +205,14 @@ def test_presets_are_data_and_all_validate():
                 "Where the theory stops: fresh batches vs reshuffled epochs"}
     assert required <= set(ps)
     assert presets.default_name() == "Logistic regression: GD vs SGD vs SGF"
-    # the default preset is the Experiment defaults
-    assert presets.build(ps[presets.default_name()]).to_dict() == Experiment().to_dict()
+    # the default preset is the Experiment defaults on a coarser grid (dt = 0.1: a Run takes
+    # a few seconds on 2 cores, docs/dashboard.md "Latency"), and a new page starts on it
+    default = presets.build(ps[presets.default_name()])
+    assert default.to_dict() == Experiment(dt=0.1).to_dict()
+    page = Dashboard(engines=fakes(), period_ms=0, sync_url=False)
+    assert page.experiment.to_dict() == default.to_dict()
+    assert page.sims == ps[presets.default_name()]["sims"]
+    page.close()
     for name, p in ps.items():
         assert p["description"] and set(p["sims"]) <= set(SIMS), name
         exp = presets.build(p)
@@ -253,6 +259,70 @@ def test_run_streams_into_the_plot_data_and_status():
     assert not d.alert.visible
     # distributions and kernels reached their pipes
     assert d._dist_times() and d.kernel_pipe.data.get("kernels") is not None
+    d.close()
+
+
+def test_first_theory_point_is_drawn_at_once():
+    """Redraws are paced by their cost; the theory's first point must not wait for that pace
+    (the empty redraw that starts a Run may have been slow)."""
+    go, hang = threading.Event(), threading.Event()
+    fake = make_fake("theory", hang=hang)
+
+    def theory(exp, cancel=None):
+        go.wait(10)
+        yield from fake(exp, cancel)
+
+    d = dashboard(engines={"theory": theory, "sim": make_fake("sim")})
+    d.sims = []
+    assert d.run()
+    d.tick()                                         # the Run's first (empty) redraw ...
+    d._next_draw = time.perf_counter() + 3600.0      # ... as if it had been very slow
+    go.set()
+    deadline = time.monotonic() + 10
+    while not len(d.plotted(THEORY)[0]) and time.monotonic() < deadline:
+        d.tick()
+        time.sleep(0.01)
+    assert len(d.plotted(THEORY)[0]) == 1 and d.runner.busy()
+    hang.set()
+    assert d.wait(20)
+    d.close()
+
+
+def test_new_run_clears_old_curves_with_its_first_point(monkeypatch):
+    """A Run with the same plots redraws once for its start: the old curves go when the
+    theory's first point comes (not in a separate, empty redraw before it)."""
+    import app.dashboard as dash_mod
+
+    monkeypatch.setattr(dash_mod, "FIRST_DRAW_WAIT", 60.0)
+    go = threading.Event()
+    fake = make_fake("theory", delay=0.02)
+
+    def theory(exp, cancel=None):
+        go.wait(10)
+        yield from fake(exp, cancel)
+
+    d = dashboard(engines={"theory": theory, "sim": make_fake("sim")})
+    d.sims = []
+    go.set()
+    assert d.run() and d.wait(20)
+    K1 = d.experiment.steps + 1
+    assert len(d.plotted(THEORY)[0]) == K1
+    go.clear()
+    sends = []
+    orig = d._send_curves
+    monkeypatch.setattr(d, "_send_curves", lambda: (sends.append(1), orig())[1])
+    assert d.run()
+    for _ in range(5):
+        d.tick()
+        time.sleep(0.01)
+    assert sends == [] and len(d.plotted(THEORY)[0]) == K1   # old curves still shown
+    go.set()
+    deadline = time.monotonic() + 10
+    while len(d.plotted(THEORY)[0]) == K1 and time.monotonic() < deadline:
+        d.tick()
+        time.sleep(0.005)
+    assert 1 <= len(d.plotted(THEORY)[0]) < K1 and len(sends) == 1
+    assert d.wait(20)
     d.close()
 
 
@@ -395,11 +465,81 @@ def test_csv_export_holds_every_curve():
             for k in ("train_loss", "test_loss", "test_error", "m", "Q", "cosine"):
                 assert float(r[k]) == pytest.approx(want[k], rel=1e-12), (key, k)
         assert rs[0]["run"] == "run 1" and rs[0]["status"] == "done"
+    # theory series are labelled by the method actually used
+    assert series[THEORY][0]["label"] == "theory (DMFT mc)"
+    assert series[THEORY_GD][0]["label"] == "GD theory τ=0 (DMFT mc)"
     # regression: test error is empty, not 'nan'
     d.experiment.param.update(loss="square", teacher="linear")
     d.run() and d.wait(20)
     rows = list(csv.DictReader(io.StringIO(d.curves_csv())))
     assert rows and all(r["test_error"] == "" for r in rows)
+    d.close()
+
+
+@pytest.mark.parametrize("changes, label, band", [
+    (dict(), "theory (DMFT mc)", True),
+    (dict(loss="square", teacher="linear"), "theory (DMFT exact)", False),
+    (dict(method="online"), "theory (online ODEs)", False),
+])
+def test_theory_is_labelled_by_its_method(changes, label, band):
+    d = dashboard(exp=small_exp(**changes))
+    d.sims = ["gd"]
+    specs = d._planned_specs()  # the empty plots before Run already name the method
+    assert [sp.label for sp in specs if sp.theory] == [label, "GD " + label.replace(
+        "theory", "theory τ=0")]
+    assert ("(band ±1 SE)" in d.legend.object) is band
+    assert label in d.legend.object
+    d.run() and d.wait(20)
+    assert d.store.current.series[THEORY].label == label
+    assert label in d.status.object
+    d.close()
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk; fails unless ``data`` is a well-formed PNG."""
+    import struct
+    import zlib
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    pos, chunks = 8, []
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
+        assert zlib.crc32(kind + body) == crc, f"bad CRC in chunk {kind!r}"
+        chunks.append(kind)
+        pos += 12 + n
+        if kind == b"IEND":
+            break
+    assert chunks[0] == b"IHDR" and b"IDAT" in chunks and chunks[-1] == b"IEND"
+    assert pos == len(data)
+    w, h = struct.unpack(">II", data[16:24])
+    return w, h
+
+
+def test_png_export_of_the_curves(monkeypatch):
+    pytest.importorskip("matplotlib")
+    d = dashboard()
+    d.sims = ["gd", "sgf"]
+    empty = d._png_file().read()  # before any Run: the empty plots (no crash)
+    assert _png_size(empty)[0] >= 800
+    d.run() and d.wait(20)
+    d.keep()
+    d.experiment.tau = 1.0
+    d.logy = True
+    d.run() and d.wait(20)
+    data = d._png_file().read()
+    w, h = _png_size(data)
+    # 3 x 2 plots at 100 dpi, and real content (more than the empty grid's bytes)
+    assert 1200 <= w <= 2000 and 600 <= h <= 1200, (w, h)
+    assert len(data) > 1.5 * len(empty) and len(data) < 2_000_000
+    assert not d.alert.visible
+    # a server without matplotlib: an alert, no crash
+    def broken(*a, **k):
+        raise ModuleNotFoundError("No module named 'matplotlib'")
+    monkeypatch.setattr(export, "curves_png", broken)
+    assert d._png_file() is None
+    assert d.alert.visible and "PNG export failed" in d.alert.object
     d.close()
 
 
@@ -593,6 +733,48 @@ def test_committee_widgets_appear_and_fix_loss_and_teacher():
     d.close()
 
 
+def test_committee_initial_overlap_matrices_typed_as_text():
+    from panel.io.location import Location
+
+    d = dashboard()
+    w = d.param_widgets
+    assert not w["Q0"].visible and not w["M0"].visible
+    d.experiment.model = "committee"
+    assert w["Q0"].visible and w["M0"].visible and w["Q0"].value == w["M0"].value == ""
+    w["Q0"].value = "0.05,0.01; 0.01,0.05"
+    w["M0"].value = "0.1,0;0,0.2"
+    Q0, M0, _ = d.experiment.overlaps0()
+    np.testing.assert_array_equal(Q0, [[0.05, 0.01], [0.01, 0.05]])
+    np.testing.assert_array_equal(M0, [[0.1, 0.0], [0.0, 0.2]])
+    d.experiment.validate()
+    # text that is not a matrix: an alert, the experiment keeps its value
+    w["Q0"].value = "1,2;3"
+    assert d.alert.visible and "Q0" in d.alert.object
+    np.testing.assert_array_equal(d.experiment.Q0, Q0)
+    # the experiment -> text direction (a preset, a link)
+    d.experiment.M0 = np.array([[0.2, 0.0], [0.0, 0.3]])
+    assert w["M0"].value == "0.2,0;0,0.3"
+    # a matrix of the wrong shape is refused at Run, naming the parameter
+    w["Q0"].value = "0.05"
+    assert not d.alert.visible  # parsed; the shape is the Run's check
+    assert not d.run() and "Q0" in d.alert.object
+    # a link carries the matrices
+    w["Q0"].value = "0.05,0.01;0.01,0.05"
+    loc = Location()
+    d.sync_location(loc)
+    d2 = dashboard(exp=Experiment())
+    d2.sync_location(Location(search=loc.search))
+    np.testing.assert_array_equal(d2.experiment.Q0, d.experiment.Q0)
+    np.testing.assert_array_equal(d2.experiment.M0, d.experiment.M0)
+    assert d2.param_widgets["Q0"].value == "0.05,0.01;0.01,0.05"
+    # empty text: back to q0 I
+    w["Q0"].value = ""
+    assert d.experiment.Q0 is None
+    np.testing.assert_array_equal(d.experiment.overlaps0()[0], d.experiment.q0 * np.eye(2))
+    for x in (d, d2):
+        x.close()
+
+
 def test_committee_preset_validates_and_applies():
     p = presets.presets()[COMMITTEE]
     exp = presets.build(p)
@@ -612,16 +794,11 @@ def test_committee_preset_validates_and_applies():
     d.close()
 
 
-def test_relu_with_monte_carlo_dmft_is_refused_with_a_hint():
+def test_relu_with_monte_carlo_dmft_is_planned():
+    """relu works with the Monte Carlo DMFT (smoothed delta of relu'' in the response)."""
     exp = committee_exp(activation="relu", method="auto")
-    with pytest.raises(ConfigError) as e:
-        plan_jobs(exp, ["sgf"])
-    assert e.value.param == "method" and "online" in str(e.value)
-    plan_jobs(committee_exp(activation="relu", method="online"), ["sgf"])  # accepted
-    d = dashboard(exp=exp)
-    assert not d.run()
-    assert d.alert.visible and "online" in d.alert.object and d.store.current is None
-    d.close()
+    jobs = plan_jobs(exp, ["sgf"])
+    assert jobs[0].exp.activation == "relu" and jobs[0].exp.resolved_method() == "mc"
 
 
 def test_overlap_heatmaps_follow_the_snapshots_and_the_time_player():

@@ -94,7 +94,9 @@ def test_square_gd_matches_deterministic_recursion():
     exp = Experiment(loss="square", teacher="linear", noise=0.5, tau=0.0, delta=1.5, lam=0.1,
                      q0=0.5, m0=0.3, T=5.0, dt=0.25, samples=20000, method="mc", seed=1)
     ref = deterministic_square_gd(exp)
-    res = solve(exp)
+    # float64 histories: m is exact here, and float32 storage (the default) would move it by
+    # about 1e-8 relative (the rounding of u = a w), far below any Monte Carlo error but not 1e-9
+    res = glm.solve(exp, hist_dtype=np.float64)
     assert res.engine == "dmft-mc" and len(res) == exp.steps + 1
     for k in ("train_loss", "m", "Q"):
         v, se = getattr(res, k), res.se[k]
@@ -148,7 +150,7 @@ def test_pathwise_derivatives_match_finite_differences(loss, teacher):
     the IBP cross moments), and the kappa samples (label tangent / boundary pairs)."""
     exp = Experiment(loss=loss, teacher=teacher, noise=0.5, tau=1.5, delta=1.5, lam=0.05,
                      q0=0.2, T=1.0, dt=0.05, samples=64, method="mc", seed=3)
-    pop = glm.Populations(exp, [64])
+    pop = glm.Populations(exp, [64], hist_dtype=np.float64)  # exact algebra: float64 storage
     K = exp.steps
     for k in range(K + 1):
         pop.step(k)
@@ -265,13 +267,20 @@ def test_logistic_sgf_matches_euler_maruyama():
 # (d) standard errors are honest
 # ------------------------------------------------------------------------------------------
 def test_standard_errors_match_seed_spread():
-    # N = 4000 with replicas of 1000: the se is the replica spread scaled by sqrt(1000/4000)
+    # N = 4000 with replicas of 1000: the se is the replica spread scaled by sqrt(1000/4000).
+    # The subset tangent of large solves (N_t = N/4, the same fraction in every replica) is
+    # switched on here by lowering its threshold, as it is for N >= 4 TANGENT_MIN.
     exp = Experiment(loss="logistic", teacher="sign", tau=0.5, delta=2.0, lam=0.01, T=2.0,
                      dt=0.05, samples=4000, method="mc", record_every=10)
-    assert glm.replica_plan(4000)[1] == 1000
+    sizes = glm.replica_plan(4000)
+    assert sizes[1] == 1000
+    assert glm.tangent_plan(sizes, tangent_min=1000)[:2] == [1000, 250]
+    assert glm.tangent_plan([4 * glm.TANGENT_MIN, 1000]) == [glm.TANGENT_MIN, 250]
+    big = glm.replica_plan(120000)  # the benchmark's N: 16 replicas, 25% extra work
+    assert big == [120000] + [1875] * 16 and glm.tangent_plan(big)[:2] == [30000, 469]
     vals, ses = [], []
     for s in range(16):
-        res = glm.solve(exp.copy(seed=100 + s))
+        res = glm.solve(exp.copy(seed=100 + s), tangent_min=1000)
         vals.append([getattr(res, k)[1:] for k in OBS])
         ses.append([res.se[k][1:] for k in OBS])
     spread = np.std(vals, axis=0, ddof=1)  # (obs, time)
@@ -386,6 +395,23 @@ def test_cross_moment_estimators_agree():
     assert np.all(a.se["Q"][1:] < b.se["Q"][1:])  # and the IBP sample is the quieter one
 
 
+def test_subset_tangent_gives_the_same_curves():
+    """G and kappa from a quarter of the population (what large solves do) against every
+    trajectory, same seed: the curves agree within their combined standard errors."""
+    exp = Experiment(loss="logistic", teacher="sign", tau=0.5, delta=2.0, lam=0.01, T=4.0,
+                     dt=0.05, samples=4000, method="mc", record_every=20, seed=9)
+    full = glm.solve(exp, tangent_divisor=1)
+    sub = glm.solve(exp, tangent_min=1000)  # N_t = 1000, replicas 250 of 1000
+    worst = 0.0
+    for k in OBS:
+        va, sa = getattr(full, k)[1:], full.se[k][1:]
+        vb, sb = getattr(sub, k)[1:], sub.se[k][1:]
+        z = np.abs(va - vb) / np.sqrt(sa ** 2 + sb ** 2)
+        worst = max(worst, float(np.max(z)))
+        assert np.all(z < 3), (k, z)
+    assert worst > 0  # the subset run is a different estimate
+
+
 def test_incremental_gaussian_zero_pivot_guard():
     rng = np.random.default_rng(0)
     A = rng.standard_normal((6, 3))
@@ -410,3 +436,42 @@ def test_degenerate_start_and_gd_pivots():
     assert pop.pivots[0, 0] == 0.0
     assert np.all(np.isfinite(pop.C[0])) and np.all(np.isfinite(pop.m[0]))
     assert np.sum(pop.pivots[0] > 0) < exp.steps // 4
+
+
+def test_float32_histories_are_harmless():
+    """Histories stored as float32 (glm.HIST_DTYPE; sums in float64) against float64 storage,
+    same seed and random numbers, in the benchmark configuration: every curve (train/test loss,
+    m, Q at every recorded time) moves by less than 1% of its Monte Carlo standard error."""
+    exp = Experiment(loss="logistic", teacher="sign", tau=0.5, delta=2.0, lam=0.01, T=10.0,
+                     dt=0.05, samples=4000, method="mc", record_every=10, seed=4)
+    a = glm.solve(exp, hist_dtype=np.float32)
+    b = glm.solve(exp, hist_dtype=np.float64)
+    worst = 0.0
+    for k in OBS:
+        va, vb, se = getattr(a, k)[1:], getattr(b, k)[1:], b.se[k][1:]
+        assert np.all(np.isfinite(va)) and np.all(se > 0)
+        worst = max(worst, float(np.max(np.abs(va - vb) / se)))
+    print(f"largest |float32 - float64| / se: {worst:.2e}")
+    assert worst < 0.01
+    assert worst > 0  # the storage did change
+
+
+def test_tangent_row_variants_agree():
+    """The two- and four-trajectory tangent rows (used by the population step) against the
+    single-trajectory adjoint recursion (itself checked against finite differences above)."""
+    rng = np.random.default_rng(0)
+    K = 23
+    R = np.tril(rng.standard_normal((K + 1, K + 1)) * 0.3)
+    U = rng.standard_normal((4, K + 1))
+    for k in (0, 1, 3, 4, 5, 8, K):
+        ref = np.empty((4, k + 1))
+        racc = np.empty((4, k + 1))
+        for t in range(4):
+            glm._tangent_row(k, R, U[t], ref[t], racc[t])
+        V, A = np.empty((4, k + 1)), np.empty((4, k + 1))
+        glm._tangent_rows4(k, R, U[:, : k + 1].copy(), V, A)
+        np.testing.assert_allclose(V, ref, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(A[:, :k], racc[:, :k], rtol=1e-12, atol=1e-14)
+        v, y, a, b = (np.empty(k + 1) for _ in range(4))
+        glm._tangent_rows2(k, R, U[0], U[1], v, y, a, b)
+        np.testing.assert_allclose(np.stack([v, y]), ref[:2], rtol=1e-12, atol=1e-14)

@@ -251,3 +251,29 @@ def test_session_close_ends_its_jobs(monkeypatch):
     d.close()
     assert runner.join(5) and p.stats()["queued"] == 0
     wait_for(lambda: p.stats()["threads"] == 0, what="the idle worker to end")
+
+
+# --- redraw pacing shared by the sessions ------------------------------------------------
+def test_draw_pacer_shares_the_loop_between_sessions():
+    from app.runner import DrawPacer
+
+    p = DrawPacer(share=0.25, window=60.0)
+    a, b = object(), object()
+    # one session alone: the per-session rule (wait 3x the drawing cost, at least the period)
+    assert p.delay(a, 0.1, 0.15) == pytest.approx(0.3)
+    assert p.delay(a, 0.01, 0.15) == pytest.approx(0.15)
+    # ten sessions drawing: each waits (10 / share - 1) x cost, so that their drawing together
+    # stays at share of the time: cost / (cost + wait) = share / 10
+    others = [object() for _ in range(9)]
+    for o in others:
+        p.delay(o, 0.1, 0.15)
+    w = p.delay(b, 0.1, 0.15)
+    assert p.active() == 11
+    assert w == pytest.approx(0.1 * (11 / 0.25 - 1))
+    assert 11 * 0.1 / (0.1 + w) == pytest.approx(0.25)
+    # sessions that stopped drawing no longer count
+    q = DrawPacer(share=0.25, window=0.0)
+    for o in others:
+        q.delay(o, 0.1, 0.15)
+    time.sleep(0.01)
+    assert q.delay(a, 0.1, 0.15) == pytest.approx(0.3)

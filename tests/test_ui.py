@@ -168,12 +168,22 @@ def test_dashboard_end_to_end(page, served, results_dir):
         page.get_by_role("button", name="Configuration (JSON)").click()
     cfg = json.loads(open(dl.value.path()).read())
     assert Experiment.from_dict(cfg["experiment"]).to_dict() == exp.to_dict()
+    # ... and the PNG of the curves, drawn on the server (no browser there)
+    with page.expect_download(timeout=60_000) as dl:
+        page.get_by_role("button", name="PNG of the curves").click()
+    png = (results_dir / "dashboard-curves.png")
+    dl.value.save_as(png)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    assert int.from_bytes(data[16:20], "big") >= 1000 and len(data) > 30_000
 
     # the About tab typesets its equations offline (MathJax from the Panel server)
     page.get_by_text("About", exact=True).first.click()
     page.get_by_text("The model and its DMFT").first.wait_for(timeout=30_000)
     _wait(lambda: page.locator("mjx-container").count() >= 5, 30, "typeset equations", poll=0.5)
     page.get_by_text("Curves", exact=True).first.click()
+    # the tab is rebuilt in the browser when shown again: wait for the plots' canvases
+    _wait(lambda: page.locator("canvas").count() >= 6, 30, "the curve plots", poll=0.5)
     time.sleep(1.0)
     page.screenshot(path=str(results_dir / "dashboard.png"), full_page=True)
 

@@ -19,7 +19,9 @@ matrix: ``R[s, i]``, ``G[s, m]``, ``C[s, l]``, ``MM[j, j'] = E[dA_j dA_j'^T]`` a
    ``w_s = dt/delta + sqrt(tau/delta) dW_s`` (one scalar per sample, shared by its k fields),
    ``dA_s = l'_s w_s``, ``u_s = l''_s w_s`` and the tangent row ``chi[s, m] = dh_s/d eps_m``
    by the adjoint recursion (``k x k`` blocks):
-   ``v_s = I``, ``v_m = -(sum_{m < s' <= s} v_s' R[s', m+1]) u_m``;
+   ``v_s = I``, ``v_m = -(sum_{m < s' <= s} v_s' R[s', m+1]) u_m``, run over ``BLOCK``
+   trajectories at once (lanes on the contiguous axis, four rows of ``R`` retired per pass),
+   and only on a subset of the trajectories (:func:`tangent_fraction_for`);
 5. averages: ``G[s, m] = E[l''_s chi[s, m]]``,
    ``kappa_s = (E[l'_s h*^T] - sum_{m<=s} G[s, m] m[m]) rho^{-1}`` (section 4, "stein" form),
    ``MM[s, j] = E[dA_s dA_j^T]`` (``j <= s``), by default the raw sample mean over the
@@ -32,15 +34,18 @@ matrix: ``R[s, i]``, ``G[s, m]``, ``C[s, l]``, ``MM[j, j'] = E[dA_j dA_j'^T]`` a
 Standard errors: ``replicas`` independent populations of ``n_rep`` trajectories next to the
 main one; se = their sample standard deviation times ``sqrt(n_rep / N)`` (as the GLM solver).
 
-Activations: erf and tanh (smooth). relu is refused: its ``sigma''`` has a delta mass at 0 that
-the pathwise tangent cannot see (the response ``G`` would miss a term).
+Activations: erf, tanh, relu. relu's ``sigma''`` is a delta mass at 0, which the pathwise
+tangent cannot see (its derivative is 0 almost surely; the response ``G`` would miss a term
+worth 12-16 standard errors at T = 2): in ``l''`` (hence in ``u`` and in ``G``) it is replaced
+by a Gaussian kernel of width ``eps_a = w sqrt(C[s,s,a,a])``, ``w`` from
+:func:`relu_width_for` (a kernel-density estimate of ``E[g(h) delta(h_a)]``; docs/committee.md).
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, parallel_chunksize, prange
 
 from ..committee.activations import RELU, code_of, sigma, sigma_d1, sigma_d2
 from .gaussian import chol_append
@@ -62,8 +67,44 @@ KAPPA_MODES = ("full", "no_past", "none")
 #: 'dw_average' (dW_s averaged analytically: lower variance, same expectation, but not a Gram
 #: matrix; small populations then hit negative pivots and drift away, docs/committee.md).
 MM_ESTIMATORS = ("raw", "dw_average")
+#: Let LLVM fuse multiply-adds (and nothing else) in the tangent loops.
+FMA = {"contract"}
+#: ... and, in the per-trajectory sums over the past (fields, E[l' dA^T]), reassociation too:
+#: without it every sum is one chain of dependent multiply-adds (latency-bound, 3-4 times slower).
+FIELD_FM = {"contract", "reassoc"}
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 #: Multiply-adds per kernel call between cancel checks (about 0.05-0.1 s).
 CHUNK_WORK = 1e8
+
+
+#: relu: width of the Gaussian kernel that stands for the delta mass of sigma'' in the tangent,
+#: relative to the field's scale sqrt(C[s,s,a,a]), for a population of RELU_N_REF
+#: trajectories; it shrinks like N^(-1/5) (bias O(eps^2), variance O(1/(N eps)); docs/committee.md).
+RELU_WIDTH = 0.1
+RELU_N_REF = 4000
+#: ... but not below RELU_MIN_WIDTH: narrower kernels make the tangent heavy-tailed (a path that
+#: lingers near h = 0 picks up O(1) factors per step; width 0.025 blew up a population of 4000).
+RELU_MIN_WIDTH = 0.05
+
+
+def relu_width_for(n, width=RELU_WIDTH, n_ref=RELU_N_REF, floor=RELU_MIN_WIDTH):
+    """Relative relu kernel width for a solve whose main population has ``n`` trajectories."""
+    return max(floor, width * (max(int(n), 1) / n_ref) ** -0.2)
+
+
+#: The tangent (the O(N K^3) part) runs on a random subset of min(N, max(N // TANGENT_DIVISOR,
+#: TANGENT_MIN)) trajectories of the main population (the same fraction in the replicas): G is
+#: then an unbiased mean over fewer samples. Measured (k = k* = 2, erf, tau = 0.5, delta = 2,
+#: T = 10): the seed-to-seed spread of eg, Q, m did not change from fraction 1 to 1/4 (the
+#: fields, not G, carry the Monte Carlo error), and grew by about 25% at 1/16.
+TANGENT_DIVISOR = 4
+TANGENT_MIN = 2000
+
+
+def tangent_fraction_for(n, divisor=TANGENT_DIVISOR, min_size=TANGENT_MIN):
+    """Fraction of the trajectories that carry the tangent, for a main population of ``n``."""
+    n = max(int(n), 1)
+    return min(n, max(n // divisor, min_size)) / n
 
 
 class Cancelled(Exception):
@@ -187,13 +228,138 @@ def _chol_rows(s, ks, m, C, L, srow):
 # --------------------------------------------------------------------------------------------
 # population part (O(N s^2 k^3) per step, parallel over blocks of trajectories)
 # --------------------------------------------------------------------------------------------
-@njit(cache=True, nogil=True, parallel=True)
-def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, L, R, z, hstar, y, dW, dA,
-                     u, h, pG, pM, pE, pS, raw):
-    """Step 4 for the trajectories of blocks ``blk0 .. blk1-1``; per-block partial sums: ``pG[ib, m] = sum l''_s chi[s, m]``,
-    ``pM[ib, j] = sum l'_s dA_j^T`` (j < s), ``pM[ib, s] = sum l'_s l'_s^T``,
-    ``pE[ib] = sum l'_s h*^T``, ``pS[ib] = (sum loss, #non-finite)``."""
-    n = z.shape[0]
+@njit(cache=True, nogil=True, inline="always")
+def _d2(code, x, inv_eps):
+    """sigma''(x) as used by the tangent: pointwise for erf and tanh; for relu the Gaussian
+    kernel ``exp(-x^2/(2 eps^2)) / (sqrt(2 pi) eps)`` in place of its delta mass at 0."""
+    if code == RELU:
+        t = x * inv_eps
+        return _INV_SQRT_2PI * inv_eps * math.exp(-0.5 * t * t)
+    return sigma_d2(code, x)
+
+
+@njit(cache=True, nogil=True, fastmath=FMA)
+def _finish(j, k, c, acc, ub, V):
+    """Lanes ``< c``: ``V[j] = -acc[j] u[j]`` (k x k blocks)."""
+    for a in range(k):
+        for e in range(k):
+            for l in range(c):
+                V[j, a, e, l] = 0.0
+        for f in range(k):
+            for e in range(k):
+                x = acc[j, a, f]
+                y = ub[j, f, e]
+                out = V[j, a, e]
+                for l in range(c):
+                    out[l] -= x[l] * y[l]
+
+
+@njit(cache=True, nogil=True, fastmath=FMA)
+def _retire1(kp, lo, hi, k, c, R, V, acc):
+    """``acc[mm] += V[kp] R[kp, mm+1]`` for ``lo <= mm < hi`` (lanes ``< c``)."""
+    for mm in range(lo, hi):
+        for a in range(k):
+            for e in range(k):
+                out = acc[mm, a, e]
+                for f in range(k):
+                    r = R[kp, mm + 1, f, e]
+                    x = V[kp, a, f]
+                    for l in range(c):
+                        out[l] += x[l] * r
+
+
+@njit(cache=True, nogil=True, fastmath=FMA)
+def _retire4(kp, hi, k, c, R, V, acc):
+    """``acc[mm] += sum_{q<4} V[kp-q] R[kp-q, mm+1]`` for ``mm < hi``: four rows retired per
+    pass over ``acc`` (lanes ``< c``; ``k = 2`` spelt out, the common case)."""
+    if k == 2:
+        _retire4_k2(kp, hi, c, R, V, acc)
+        return
+    R1 = R[kp]
+    R2 = R[kp - 1]
+    R3 = R[kp - 2]
+    R4 = R[kp - 3]
+    for mm in range(hi):
+        for a in range(k):
+            for e in range(k):
+                for f in range(k):
+                    r1 = R1[mm + 1, f, e]
+                    r2 = R2[mm + 1, f, e]
+                    r3 = R3[mm + 1, f, e]
+                    r4 = R4[mm + 1, f, e]
+                    for l in range(c):
+                        acc[mm, a, e, l] += (V[kp, a, f, l] * r1 + V[kp - 1, a, f, l] * r2
+                                             + V[kp - 2, a, f, l] * r3 + V[kp - 3, a, f, l] * r4)
+
+
+@njit(cache=True, nogil=True, fastmath=FMA)
+def _retire4_k2(kp, hi, c, R, V, acc):
+    """:func:`_retire4` for ``k = 2``. One store per lane loop: with more, LLVM needs too many
+    run-time alias checks and leaves the loop scalar (2-3 times slower)."""
+    for mm in range(hi):
+        for a in range(2):
+            for e in range(2):
+                r0 = R[kp, mm + 1, 0, e]
+                r1 = R[kp, mm + 1, 1, e]
+                r2 = R[kp - 1, mm + 1, 0, e]
+                r3 = R[kp - 1, mm + 1, 1, e]
+                r4 = R[kp - 2, mm + 1, 0, e]
+                r5 = R[kp - 2, mm + 1, 1, e]
+                r6 = R[kp - 3, mm + 1, 0, e]
+                r7 = R[kp - 3, mm + 1, 1, e]
+                for l in range(c):
+                    acc[mm, a, e, l] += ((V[kp, a, 0, l] * r0 + V[kp, a, 1, l] * r1)
+                                         + (V[kp - 1, a, 0, l] * r2 + V[kp - 1, a, 1, l] * r3)
+                                         + (V[kp - 2, a, 0, l] * r4 + V[kp - 2, a, 1, l] * r5)
+                                         + (V[kp - 3, a, 0, l] * r6 + V[kp - 3, a, 1, l] * r7))
+
+
+@njit(cache=True, nogil=True)
+def _tangent_block(s, k, c, R, ub, V, acc):
+    """Tangent rows ``V[m] = chi[s, m]`` (``m <= s``; blocks ``k x k``, ``c`` lanes) by the
+    adjoint recursion ``V[s] = I``, ``V[m] = -(sum_{m < s' <= s} V[s'] R[s', m+1]) u[m]``,
+    rows retired four at a time (as :func:`solver.dmft.glm._tangent_row`)."""
+    for a in range(k):
+        for e in range(k):
+            for l in range(c):
+                V[s, a, e, l] = 1.0 if a == e else 0.0
+    for mm in range(s):
+        for a in range(k):
+            for e in range(k):
+                for l in range(c):
+                    acc[mm, a, e, l] = 0.0
+    kp = s
+    while kp >= 4:
+        _retire1(kp, kp - 1, kp, k, c, R, V, acc)
+        _finish(kp - 1, k, c, acc, ub, V)
+        _retire1(kp, kp - 2, kp - 1, k, c, R, V, acc)
+        _retire1(kp - 1, kp - 2, kp - 1, k, c, R, V, acc)
+        _finish(kp - 2, k, c, acc, ub, V)
+        _retire1(kp, kp - 3, kp - 2, k, c, R, V, acc)
+        _retire1(kp - 1, kp - 3, kp - 2, k, c, R, V, acc)
+        _retire1(kp - 2, kp - 3, kp - 2, k, c, R, V, acc)
+        _finish(kp - 3, k, c, acc, ub, V)
+        _retire4(kp, kp - 3, k, c, R, V, acc)
+        _finish(kp - 4, k, c, acc, ub, V)
+        kp -= 4
+    while kp >= 1:
+        _retire1(kp, 0, kp, k, c, R, V, acc)
+        _finish(kp - 1, k, c, acc, ub, V)
+        kp -= 1
+
+
+@njit(cache=True, nogil=True, parallel=True, fastmath=FIELD_FM)
+def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, R, z, hstar, y,
+                     dW, dA, u, h, pG, pM, pE, pS, raw, nbt):
+    """Step 4 for the trajectories of blocks ``blk0 .. blk1-1``; per-block partial sums:
+    ``pG[ib, m] = sum l''_s chi[s, m]``, ``pM[ib, j] = sum l'_s dA_j^T`` (j < s),
+    ``pM[ib, s] = sum l'_s l'_s^T``, ``pE[ib] = sum l'_s h*^T``, ``pS[ib] = (sum loss,
+    #non-finite)``. Only the first ``nbt`` blocks carry the tangent (and ``pG``).
+    Histories in lane layout, trajectory ``ib * BLOCK + lane`` on the last (contiguous) axis:
+    ``z[ib, q, lane]``, ``dA[ib, j, a, lane]``, ``u[ib, j, a, e, lane]`` (``l''_j w_j``), so that
+    the sums over the past and the tangent run over ``BLOCK`` lanes at a time.
+    ``inv_eps[a]``: inverse kernel width for relu's delta mass (unused otherwise)."""
+    n = y.shape[0]
     k = R.shape[2]
     w0 = dt / delta
     sq = math.sqrt(tau / delta)
@@ -201,107 +367,117 @@ def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, L, R, z, hst
     for ib in prange(blk0, blk1):
         i0 = ib * BLOCK
         i1 = min(n, i0 + BLOCK)
+        c = i1 - i0
         for mm in range(s + 1):
             for a in range(k):
-                for c in range(k):
-                    pG[ib, mm, a, c] = 0.0
-                    pM[ib, mm, a, c] = 0.0
+                for e in range(k):
+                    pG[ib, mm, a, e] = 0.0
+                    pM[ib, mm, a, e] = 0.0
         for a in range(k):
-            for c in range(ks):
-                pE[ib, a, c] = 0.0
+            for e in range(ks):
+                pE[ib, a, e] = 0.0
         pS[ib, 0] = 0.0
         pS[ib, 1] = 0.0
-        v = np.empty((s + 1, k, k))
-        acc = np.empty((s + 1, k, k))
-        hk = np.empty(k)
+        tang = ib < nbt
+        ub = u[ib if tang else 0]
+        zb = z[ib]
+        dAb = dA[ib]
+        app = np.zeros((k, k, BLOCK))
+        good = np.zeros(BLOCK, dtype=np.bool_)
+        # fields of the block's lanes: omega_s (conditional draw), minus the memory term
+        H = np.zeros((k, BLOCK))
+        for a in range(k):
+            r = r0 + a
+            Ha = H[a]
+            for q in range(r + 1):
+                lq = L[r, q]
+                if lq != 0.0:
+                    zq = zb[q]
+                    for l in range(c):
+                        Ha[l] += lq * zq[l]
+            for j in range(s):
+                for e in range(k):
+                    rr = R[s, j + 1, a, e]
+                    dj = dAb[j, e]
+                    for l in range(c):
+                        Ha[l] -= rr * dj[l]
         s1 = np.empty(k)
         s2 = np.empty(k)
-        lp = np.empty(k)
-        app = np.empty((k, k))
-        for i in range(i0, i1):
-            # fields
-            for a in range(k):
-                r = r0 + a
-                om = 0.0
-                for q in range(r + 1):
-                    om += L[r, q] * z[i, q]
-                hk[a] = om
-            for j in range(s):
-                for a in range(k):
-                    x = 0.0
-                    for e in range(k):
-                        x += R[s, j + 1, a, e] * dA[i, j, e]
-                    hk[a] -= x
+        F = np.zeros((k, BLOCK))  # fs * l'_s of the good lanes (0 for the others)
+        for l in range(c):
+            i = i0 + l
             # loss and its derivatives
             yhat = 0.0
             for a in range(k):
-                yhat += vvec[a] * sigma(code, hk[a])
-                s1[a] = sigma_d1(code, hk[a])
-                s2[a] = sigma_d2(code, hk[a])
+                ha = H[a, l]
+                yhat += vvec[a] * sigma(code, ha)
+                s1[a] = sigma_d1(code, ha)
+                s2[a] = _d2(code, ha, inv_eps[a])
             yhat /= k
             res = yhat - y[i]
             lo = 0.5 * res * res
-            for a in range(k):
-                lp[a] = res * vvec[a] * s1[a] / k
-                for c in range(k):
-                    app[a, c] = vvec[a] * vvec[c] * s1[a] * s1[c] / (k * k)
-                app[a, a] += res * vvec[a] * s2[a] / k
             w = w0 + sq * dW[i]
             bad = not math.isfinite(lo)
             for a in range(k):
-                h[i, a] = hk[a]
-                dA[i, s, a] = lp[a] * w
-                for c in range(k):
-                    u[i, s, a, c] = app[a, c] * w
-                bad = bad or not math.isfinite(lp[a])
+                lpa = res * vvec[a] * s1[a] / k
+                for e in range(k):
+                    x = vvec[a] * vvec[e] * s1[a] * s1[e] / (k * k)
+                    if a == e:
+                        x += res * vvec[a] * s2[a] / k
+                    app[a, e, l] = x
+                    if tang:
+                        ub[s, a, e, l] = x * w
+                h[i, a] = H[a, l]
+                dAb[s, a, l] = lpa * w
+                F[a, l] = lpa * (w if raw else 1.0)
+                bad = bad or not math.isfinite(lpa)
             if bad:
                 pS[ib, 1] += 1.0
+                for a in range(k):
+                    F[a, l] = 0.0
                 continue
+            good[l] = True
             pS[ib, 0] += lo
             for a in range(k):
-                for c in range(ks):
-                    pE[ib, a, c] += lp[a] * hstar[i, c]
-            # raw: dA_s dA_j^T (j <= s); else l'_s dA_j^T (j < s) and l'_s l'_s^T
-            fs = w if raw else 1.0
-            for j in range(s):
-                for a in range(k):
-                    for c in range(k):
-                        pM[ib, j, a, c] += fs * lp[a] * dA[i, j, c]
+                lpa = res * vvec[a] * s1[a] / k
+                for e in range(ks):
+                    pE[ib, a, e] += lpa * hstar[i, e]
+        # raw: dA_s dA_j^T (j <= s); else l'_s dA_j^T (j < s) and l'_s l'_s^T
+        for j in range(s + 1):
             for a in range(k):
-                for c in range(k):
-                    pM[ib, s, a, c] += fs * fs * lp[a] * lp[c]
-            # tangent row chi[s, :] by the adjoint recursion
+                Fa = F[a]
+                for e in range(k):
+                    x = 0.0
+                    if j < s:
+                        dj = dAb[j, e]
+                        for l in range(c):
+                            if good[l]:
+                                x += Fa[l] * dj[l]
+                    else:
+                        Fe = F[e]
+                        for l in range(c):
+                            x += Fa[l] * Fe[l]
+                    pM[ib, j, a, e] = x
+        if not tang:
+            continue
+        # tangent rows chi[s, :] of the block's lanes, then G samples l''_s chi[s, m]
+        V = np.empty((s + 1, k, k, BLOCK))
+        acc = np.empty((s + 1, k, k, BLOCK))
+        _tangent_block(s, k, c, R, ub, V, acc)
+        for l in range(c):
+            if not good[l]:
+                for a in range(k):
+                    for e in range(k):
+                        app[a, e, l] = 0.0
+        for mm in range(s + 1):
             for a in range(k):
-                for c in range(k):
-                    v[s, a, c] = 1.0 if a == c else 0.0
-            for mm in range(s):
-                for a in range(k):
-                    for c in range(k):
-                        acc[mm, a, c] = 0.0
-            for kp in range(s, 0, -1):
-                # acc[mm] += v[kp] R[kp, mm+1]  for mm < kp
-                for mm in range(kp):
-                    for a in range(k):
-                        for c in range(k):
-                            x = 0.0
-                            for e in range(k):
-                                x += v[kp, a, e] * R[kp, mm + 1, e, c]
-                            acc[mm, a, c] += x
-                # v[kp-1] = -acc[kp-1] u[kp-1]
-                for a in range(k):
-                    for c in range(k):
-                        x = 0.0
-                        for e in range(k):
-                            x += acc[kp - 1, a, e] * u[i, kp - 1, e, c]
-                        v[kp - 1, a, c] = -x
-            # G samples: l''_s chi[s, m]
-            for mm in range(s + 1):
-                for a in range(k):
-                    for c in range(k):
-                        x = 0.0
-                        for e in range(k):
-                            x += app[a, e] * v[mm, e, c]
-                        pG[ib, mm, a, c] += x
+                for e in range(k):
+                    x = 0.0
+                    for f in range(k):
+                        for l in range(c):
+                            if good[l]:
+                                x += app[a, f, l] * V[mm, f, e, l]
+                    pG[ib, mm, a, e] = x
 
 
 @njit(cache=True, nogil=True)
@@ -320,7 +496,8 @@ def _teacher_labels(code, hstar, eps, noise, y):
 class Population:
     """One DMFT solve with ``n`` trajectories (all kernels and per-trajectory histories)."""
 
-    def __init__(self, exp, n, seed_seq, kappa_mode="full", mm_estimator="raw"):
+    def __init__(self, exp, n, seed_seq, kappa_mode="full", mm_estimator="raw",
+                 relu_width=None, tangent_fraction=1.0):
         if kappa_mode not in KAPPA_MODES:
             raise ValueError(f"kappa_mode must be one of {KAPPA_MODES}")
         if mm_estimator not in MM_ESTIMATORS:
@@ -332,6 +509,8 @@ class Population:
         self.ks = ks = int(exp.kstar)
         self.K = K = int(exp.steps)
         self.code = code_of(exp.activation)
+        #: relu only: kernel width for the delta mass of sigma'', relative to sqrt(C[s,s,a,a])
+        self.relu_width = float(relu_width if relu_width is not None else relu_width_for(n))
         self.v = np.ascontiguousarray(exp.second_layer(), dtype=float)
         Q0, M0, rho = exp.overlaps0()
         self.Q0 = np.ascontiguousarray(Q0, float)
@@ -358,17 +537,24 @@ class Population:
             self._srow[:c] = self.rho[c, :c]
             chol_append(self.L, c, self._srow, self.rho[c, c])
         self.rng = np.random.Generator(np.random.PCG64(seed_seq))
-        self.z = np.zeros((n, D))
-        self.z[:, :ks] = self.rng.standard_normal((n, ks))
-        self.hstar = np.ascontiguousarray(self.z[:, :ks] @ self.L[:ks, :ks].T)
+        nb = -(-n // BLOCK)
+        #: per-trajectory histories in lane layout: ``z[ib, q, lane]``, ``dA[ib, j, a, lane]``
+        #: (trajectory ``ib * BLOCK + lane``; :meth:`z_of`, :meth:`dA_of` give one trajectory's)
+        self.z = np.zeros((nb, D, BLOCK))
+        z0 = self.rng.standard_normal((n, ks))
+        self._put_z(0, z0)
+        self.hstar = np.ascontiguousarray(z0 @ self.L[:ks, :ks].T)
         eps = self.rng.standard_normal(n)
         self.y = np.empty(n)
         _teacher_labels(self.code, self.hstar, eps, float(exp.noise), self.y)
-        self.dA = np.zeros((n, Kp, k))
-        self.u = np.zeros((n, Kp, k, k))
+        self.dA = np.zeros((nb, Kp, k, BLOCK))
+        #: the tangent (the O(N K^3) part) runs on the first nbt blocks only (G is then the mean
+        #: over their n_tangent trajectories: unbiased, noisier; tangent_fraction < 1)
+        self.nbt = min(nb, max(1, int(math.ceil(float(tangent_fraction) * n / BLOCK))))
+        self.n_tangent = min(n, self.nbt * BLOCK)
+        self.u = np.zeros((self.nbt, Kp, k, k, BLOCK))
         self.h = np.zeros((n, k))
         self.dW = np.zeros(n)
-        nb = -(-n // BLOCK)
         self.pG = np.zeros((nb, Kp, k, k))
         self.pM = np.zeros((nb, Kp, k, k))
         self.pE = np.zeros((nb, k, ks))
@@ -385,20 +571,28 @@ class Population:
                    self.C, self._P)
         self.zero_pivots += _chol_rows(s, ks, self.m, self.C, self.L, self._srow)
         r0 = ks + s * k
-        self.z[:, r0:r0 + k] = self.rng.standard_normal((n, k))
+        self._put_z(r0, self.rng.standard_normal((n, k)))
         if self.tau > 0:
             self.dW[:] = math.sqrt(self.dt) * self.rng.standard_normal(n)
+        inv_eps = np.zeros(k)
+        if self.code == RELU:
+            for a in range(k):
+                sd = math.sqrt(max(self.C[s, s, a, a], 0.0))
+                inv_eps[a] = 1.0 / (self.relu_width * sd) if sd > 1e-150 else 0.0
         nb = self.pG.shape[0]
-        per_block = BLOCK * (s * s * k ** 3 + 8.0 * s * k * k + 64.0)
+        per_block = BLOCK * (0.5 * s * s * k ** 3 * self.nbt / nb + 8.0 * s * k * k + 64.0)
         chunk = max(1, int(CHUNK_WORK / per_block))
         for b0 in range(0, nb, chunk):
             if cancel is not None and cancel.is_set():
                 raise Cancelled
-            _population_step(b0, min(nb, b0 + chunk), s, ks, self.code, self.v, self.dt,
-                             self.delta, self.tau, self.L, self.R, self.z, self.hstar, self.y,
-                             self.dW, self.dA, self.u, self.h, self.pG, self.pM, self.pE,
-                             self.pS, self.mm_estimator == "raw")
-        Grow = self.pG[:, : s + 1].sum(axis=0) / n
+            # dynamic scheduling: the tangent blocks come first and cost far more
+            with parallel_chunksize(1):
+                _population_step(b0, min(nb, b0 + chunk), s, ks, self.code, self.v, self.dt,
+                                 self.delta, self.tau, inv_eps, self.L, self.R, self.z,
+                                 self.hstar, self.y, self.dW, self.dA, self.u, self.h, self.pG,
+                                 self.pM, self.pE, self.pS, self.mm_estimator == "raw",
+                                 self.nbt)
+        Grow = self.pG[: self.nbt, : s + 1].sum(axis=0) / self.n_tangent
         Mrow = self.pM[:, : s + 1].sum(axis=0) / n
         if self.mm_estimator != "raw":
             Mrow[:s] *= self.dt / self.delta
@@ -417,6 +611,22 @@ class Population:
             mem = 0.0
         self.kappa[s] = (self.Elh[s] - mem) @ self.rho_inv
         self.s = s
+
+    def _put_z(self, r0, draws):
+        """Store standard normals ``draws[i, c]`` as ``z[ib, r0 + c, lane]``."""
+        n, w = draws.shape
+        nb = self.z.shape[0]
+        buf = np.zeros((nb * BLOCK, w))
+        buf[:n] = draws
+        self.z[:, r0:r0 + w, :] = buf.reshape(nb, BLOCK, w).transpose(0, 2, 1)
+
+    def z_of(self, i):
+        """The standard normals of trajectory ``i`` (``x = L z``)."""
+        return self.z[i // BLOCK, :, i % BLOCK].copy()
+
+    def dA_of(self, i):
+        """``dA[j, a]`` of trajectory ``i`` (``j = 0..K``)."""
+        return self.dA[i // BLOCK, :, :, i % BLOCK].copy()
 
     def overlaps(self, s):
         """(Q, M) at step s."""
@@ -457,16 +667,12 @@ def replica_plan(N, replicas=REPLICAS, divisor=REPLICA_DIVISOR, min_size=MIN_REP
 
 
 def check(exp):
-    """ConfigError unless the experiment is a committee with a smooth activation."""
+    """ConfigError unless the experiment is a committee."""
     from ..config import ConfigError
 
     exp.validate()
     if exp.model != "committee":
         raise ConfigError("model", "solver.dmft.committee needs model='committee'")
-    if code_of(exp.activation) == RELU:
-        raise ConfigError("activation", "the Monte Carlo DMFT needs a smooth activation (erf, "
-                                        "tanh): relu'' has a delta mass the pathwise tangent "
-                                        "cannot see; use method='online' or the simulator")
 
 
 def _observables(exp, pops, s):
@@ -483,7 +689,8 @@ def _observables(exp, pops, s):
 
 def stream(exp, cancel=None, replicas: int = REPLICAS, divisor: int = REPLICA_DIVISOR,
            min_replica: int = MIN_REPLICA, kappa_mode: str = "full", mm_estimator: str = "raw",
-           kernels: bool = True):
+           kernels: bool = True, relu_width: float | None = None,
+           tangent_fraction: float | None = None):
     """Monte Carlo DMFT of the committee (engine 'dmft-mc'): one Snapshot per recording step
     (every ``exp.record_every`` grid steps, and the last), yielded as soon as it is solved.
 
@@ -492,14 +699,22 @@ def stream(exp, cancel=None, replicas: int = REPLICAS, divisor: int = REPLICA_DI
     of ``exp.samples`` trajectories, standard errors from ``replicas`` smaller independent
     populations (:func:`replica_plan`). ``extras['kernels']`` (last snapshot, if ``kernels``):
     :meth:`Population.kernels`. Raises SolverError (after yielding what was computed) when the
-    main population diverges; ConfigError for relu or a non-committee model."""
+    main population diverges; ConfigError for a non-committee model. ``relu_width``: relu
+    kernel width relative to the field's scale (default :func:`relu_width_for` of N, the same
+    in every population); ``tangent_fraction``: share of each population that carries the
+    tangent (default :func:`tangent_fraction_for` of N)."""
     from ..snapshot import Snapshot, SolverError
 
     check(exp)
     K = exp.steps
     sizes = replica_plan(exp.samples, replicas, divisor, min_replica)
     seqs = np.random.SeedSequence(exp.seed).spawn(len(sizes))
-    pops = [Population(exp, n, sq, kappa_mode, mm_estimator) for n, sq in zip(sizes, seqs)]
+    # every population uses the main one's relu kernel width, so that the replica spread
+    # estimates the main population's Monte Carlo error (the kernel's bias is not in it)
+    width = relu_width if relu_width is not None else relu_width_for(sizes[0])
+    frac = tangent_fraction if tangent_fraction is not None else tangent_fraction_for(sizes[0])
+    pops = [Population(exp, n, sq, kappa_mode, mm_estimator, width, frac)
+            for n, sq in zip(sizes, seqs)]
     alive = np.ones(len(pops), dtype=bool)
     scale = math.sqrt(sizes[-1] / sizes[0]) if len(sizes) > 1 else math.nan
     for s in range(K + 1):

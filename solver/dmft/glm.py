@@ -31,6 +31,15 @@ Same ``O(k^2)`` work per trajectory and step as the forward recursion (``O(N K^3
 but ``O(K)`` memory per trajectory instead of ``O(K^2)``; the inner loop is a contiguous AXPY over
 rows of ``R`` that stay in cache.
 
+Large populations compute the tangent (and the kappa paths) on a subset of ``N_t`` of their
+trajectories only (:func:`tangent_plan`: ``N_t = min(N, max(4096, N/4))``): ``G``, ``kappa`` and
+the tangent part of the cross moments are averaged over those, fields, the rest of ``M`` and the
+train loss over all ``N`` (same expectations; docs/theory.md, "Subset tangent").
+
+Per-trajectory histories are stored as :data:`HIST_DTYPE` (float32: half the memory traffic of
+the O(k) passes, which dominate the field part) and every sum over them runs in float64
+(docs/theory.md, "Float32 histories").
+
 Several independent populations (*groups*) are advanced together: group 0 is the solve whose
 curves are reported (``N = exp.samples``); groups ``1..r`` are independent replicas used for the
 Monte Carlo standard errors (docs/theory.md, "Standard errors").
@@ -55,6 +64,13 @@ PAR_CHUNK = 2
 FMA = {"contract"}
 #: Partial sums per block: train loss, E[l' h*], E[a], #non-finite, direct kappa sample.
 _NS = 5
+#: Storage type of the per-trajectory histories (z, dA, l', u, kappa paths). Every sum over them
+#: is accumulated in float64; float32 storage halves the memory traffic of the O(k) field and
+#: cross-moment passes (the sweep's bottleneck) and changes the curves by far less than their
+#: Monte Carlo error (measured, docs/theory.md "Float32 histories";
+#: tests/test_dmft_mc.py::test_float32_histories_are_harmless). ``np.float64`` restores the old
+#: storage; ``Populations(hist_dtype=...)`` overrides it per solve.
+HIST_DTYPE = np.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,19 +242,86 @@ def _tangent_rows2(k, R, u, x, v, y, acc, bcc):
         kp -= 1
 
 
+@njit(cache=True, nogil=True, fastmath=FMA, inline="always")
+def _head4(kp, R1, R2, R3, u, v, acc):
+    """First three rows of a group of four in :func:`_tangent_row`: completes ``acc`` at
+    ``kp-1 .. kp-3`` by short scalar sums, sets ``v[kp-1 .. kp-3]``; returns ``v[kp .. kp-3]``."""
+    v1 = v[kp]
+    acc[kp - 1] += v1 * R1[kp]
+    v2 = -u[kp - 1] * acc[kp - 1]
+    acc[kp - 2] += v1 * R1[kp - 1] + v2 * R2[kp - 1]
+    v3 = -u[kp - 2] * acc[kp - 2]
+    acc[kp - 3] += v1 * R1[kp - 2] + v2 * R2[kp - 2] + v3 * R3[kp - 2]
+    v4 = -u[kp - 3] * acc[kp - 3]
+    v[kp - 1] = v2
+    v[kp - 2] = v3
+    v[kp - 3] = v4
+    return v1, v2, v3, v4
+
+
 @njit(cache=True, nogil=True, fastmath=FMA)
-def _accumulate(k, a, lp, lpi, dAi, v, acc, pG, pM, w0, cI, mibp):
-    """Add one trajectory's samples of a_k chi[k, :] and E[l'_k dA_j] (j < k) to the block sums
-    (``lpi``, ``dAi``: its l' and dA histories)."""
+def _tangent_rows4(k, R, U, V, A):
+    """:func:`_tangent_row` for four trajectories at once (weights ``U[t]``, rows ``V[t]``,
+    accumulators ``A[t]``, t < 4): each row of R is loaded once for all four (half the cache
+    traffic of :func:`_tangent_rows2`)."""
+    u0, u1, u2, u3 = U[0], U[1], U[2], U[3]
+    v0, v1, v2, v3 = V[0], V[1], V[2], V[3]
+    a0, a1, a2, a3 = A[0], A[1], A[2], A[3]
+    for t in range(4):
+        V[t, k] = 1.0
+    for mm in range(k):
+        a0[mm] = 0.0
+        a1[mm] = 0.0
+        a2[mm] = 0.0
+        a3[mm] = 0.0
+    kp = k
+    while kp >= 4:
+        R1 = R[kp]
+        R2 = R[kp - 1]
+        R3 = R[kp - 2]
+        R4 = R[kp - 3]
+        p1, p2, p3, p4 = _head4(kp, R1, R2, R3, u0, v0, a0)
+        q1, q2, q3, q4 = _head4(kp, R1, R2, R3, u1, v1, a1)
+        s1, s2, s3, s4 = _head4(kp, R1, R2, R3, u2, v2, a2)
+        t1, t2, t3, t4 = _head4(kp, R1, R2, R3, u3, v3, a3)
+        for mm in range(kp - 3):
+            r1 = R1[mm + 1]
+            r2 = R2[mm + 1]
+            r3 = R3[mm + 1]
+            r4 = R4[mm + 1]
+            a0[mm] += p1 * r1 + p2 * r2 + p3 * r3 + p4 * r4
+            a1[mm] += q1 * r1 + q2 * r2 + q3 * r3 + q4 * r4
+            a2[mm] += s1 * r1 + s2 * r2 + s3 * r3 + s4 * r4
+            a3[mm] += t1 * r1 + t2 * r2 + t3 * r3 + t4 * r4
+        v0[kp - 4] = -u0[kp - 4] * a0[kp - 4]
+        v1[kp - 4] = -u1[kp - 4] * a1[kp - 4]
+        v2[kp - 4] = -u2[kp - 4] * a2[kp - 4]
+        v3[kp - 4] = -u3[kp - 4] * a3[kp - 4]
+        kp -= 4
+    while kp >= 1:
+        Rk = R[kp]
+        for t in range(4):
+            vt = V[t]
+            at = A[t]
+            vk = vt[kp]
+            for mm in range(kp):
+                at[mm] += vk * Rk[mm + 1]
+            vt[kp - 1] = -U[t, kp - 1] * at[kp - 1]
+        kp -= 1
+
+
+@njit(cache=True, nogil=True, fastmath=FMA)
+def _accumulate(k, a, lpi, v, acc, pG, pM2, cI, mibp):
+    """Add one tangent trajectory's samples of a_k chi[k, :] to ``pG`` and, if ``mibp``, of the
+    Ito correction ``(tau dt/delta) a_k l'_j^2 acc_j`` (j < k) of E[l'_k dA_j] to ``pM2``
+    (``lpi``: its l' history)."""
     for mm in range(k + 1):
         pG[mm] += a * v[mm]
     if mibp:
+        ca = cI * a
         for j in range(k):
             lj = lpi[j]
-            pM[j] += lj * (w0 * lp - cI * a * lj * acc[j])
-    else:
-        for j in range(k):
-            pM[j] += lp * dAi[j]
+            pM2[j] += ca * lj * lj * acc[j]
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,6 +334,45 @@ def _dl1_dy(code, h, y):
         return -1.0
     e = _sigmoid(-y * h)  # logistic: l' = -y s(-y h)
     return -e + y * h * e * (1.0 - e)
+
+
+@njit(cache=True, nogil=True, fastmath=FMA)
+def _lane_sum(out, coef, off, hist, j0, j1, c):
+    """``out[i] += sum_{j0 <= j < j1} coef[j + off] hist[j, i]`` (i < c) in float64: four history
+    rows per pass over ``out`` (each row read once, one load/store of ``out`` per four
+    multiply-adds), vectorised over lanes."""
+    j = j0
+    while j + 4 <= j1:
+        a0 = coef[j + off]
+        a1 = coef[j + 1 + off]
+        a2 = coef[j + 2 + off]
+        a3 = coef[j + 3 + off]
+        h0 = hist[j]
+        h1 = hist[j + 1]
+        h2 = hist[j + 2]
+        h3 = hist[j + 3]
+        for i in range(c):
+            out[i] += (a0 * h0[i] + a1 * h1[i]) + (a2 * h2[i] + a3 * h3[i])
+        j += 4
+    while j < j1:
+        a0 = coef[j + off]
+        h0 = hist[j]
+        for i in range(c):
+            out[i] += a0 * h0[i]
+        j += 1
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _lane_dots(out, scale, x, hist, k, c):
+    """``out[j] += scale sum_{i<c} x[i] hist[j, i]`` for j < k, in float64 and reassociated so
+    that LLVM vectorises the sums over lanes (a strict left-to-right sum is one long dependency
+    chain; the order is fixed at compile time, so results stay deterministic)."""
+    for j in range(k):
+        h = hist[j]
+        s = 0.0
+        for i in range(c):
+            s += x[i] * h[i]
+        out[j] += scale * s
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -275,15 +397,23 @@ def _loss3(code, h, y):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _population_step(k, blk0, blk1, cnt, blk_group, lcode, kmode, dt, delta, tau, L, R, z,
-                     hstar, y, dW, dA, u, lph, dB, dC, h, part_s, part_G, part_M, mibp):
+def _population_step(k, blk0, blk1, cnt, blk_group, blk_tidx, lcode, kmode, dt, delta, tau, L,
+                     R, z, hstar, y, dW, dA, u, lph, dB, dC, h, part_s, part_G, part_M, part_M2,
+                     mibp):
     """Step 4 for blocks ``blk0 .. blk1-1``: fields, increments, tangent row, and per-block
     partial sums: ``part_s`` = (loss, l' h*, a, #non-finite, kappa sample), ``part_G`` =
-    a_k chi[k, :], ``part_M`` = (samples of E[l'_k dA_j] for j < k, l'_k^2); the caller
-    multiplies by the dW_k average (docs/theory.md, "Variance reduction"). The sample of
-    E[l'_k dA_j] integrates the Gaussian dW_j by parts:
+    a_k chi[k, :], ``part_M`` = (samples of E[l'_k dA_j] for j < k, l'_k^2), ``part_M2`` (see
+    below); the caller multiplies by the dW_k average (docs/theory.md, "Variance reduction").
+    The sample of E[l'_k dA_j] integrates the Gaussian dW_j by parts:
     ``(dt/delta) l'_k l'_j - (tau dt/delta) a_k l'_j^2 acc_j`` (``acc_j = -dh_k/d dA_j``) if
-    ``mibp``, else the plain sample ``l'_k dA_j``.
+    ``mibp``, else the plain sample ``l'_k dA_j``. The first term goes to ``part_M``, the second
+    (which needs the tangent) to ``part_M2``.
+
+    Subset tangent: only blocks with ``blk_tidx[b] >= 0`` compute the O(k^2) tangent row and the
+    kappa paths, i.e. add to ``part_G``, ``part_M2`` and the kappa sample ``part_s[:, 4]``; the
+    caller divides those sums by the number of trajectories in such blocks, the others by the
+    whole population (docs/theory.md, "Subset tangent"). Their histories ``u``, ``dB``, ``dC``
+    live at index ``blk_tidx[b]`` of those arrays (only tangent blocks have them).
 
     Layout: per-trajectory histories are ``[block, time, lane]`` (``BLOCK`` lanes, ``cnt[b]``
     used), so that a block's past at step k is one contiguous stretch and the O(k) sums run
@@ -302,6 +432,10 @@ def _population_step(k, blk0, blk1, cnt, blk_group, lcode, kmode, dt, delta, tau
     for ib in prange(blk0, blk1):
         c = cnt[ib]
         g = blk_group[ib]
+        it = blk_tidx[ib]
+        tan = it >= 0
+        km = kmode if tan else 0  # the kappa paths run with the tangent only
+        it = max(it, 0)
         Lr = L[g, k + 1]
         Rg = R[g]
         Rk = Rg[k]
@@ -315,47 +449,34 @@ def _population_step(k, blk0, blk1, cnt, blk_group, lcode, kmode, dt, delta, tau
             pM[j] = 0.0
         zb = z[ib]
         dAb = dA[ib]
-        ub = u[ib]
+        ub = u[it]
         lphb = lph[ib]
-        dBb = dB[ib]
+        dBb = dB[it]
         # fields: O(k) sums over the block's contiguous past, vectorised over lanes
         om0 = np.zeros(B)  # omega_k without the h* term: its law given h* = 0
-        for j in range(1, k + 2):
-            lj = Lr[j]
-            zj = zb[j]
-            for i in range(c):
-                om0[i] += lj * zj[i]
+        _lane_sum(om0, Lr, 0, zb, 1, k + 2, c)
+        mem = np.zeros(B)  # memory term sum_{j<k} R[k, j+1] dA_j
+        _lane_sum(mem, Rk, 1, dAb, 0, k, c)
         hk = np.empty(B)
         l0 = Lr[0]
         for i in range(c):
-            hk[i] = om0[i] + l0 * zb[0, i]
-        for j in range(k):
-            r = Rk[j + 1]
-            dj = dAb[j]
-            for i in range(c):
-                hk[i] -= r * dj[i]
+            hk[i] = om0[i] + l0 * zb[0, i] - mem[i]
         hp = np.empty(B)
         hm = np.empty(B)
-        if kmode == 1:
-            dCb = dC[ib]
+        if km == 1:
+            dCb = dC[it]
+            mp = np.zeros(B)
+            mn = np.zeros(B)
+            _lane_sum(mp, Rk, 1, dBb, 0, k, c)
+            _lane_sum(mn, Rk, 1, dCb, 0, k, c)
             for i in range(c):
-                hp[i] = om0[i]
-                hm[i] = om0[i]
-            for j in range(k):
-                r = Rk[j + 1]
-                bj = dBb[j]
-                cj = dCb[j]
-                for i in range(c):
-                    hp[i] -= r * bj[i]
-                    hm[i] -= r * cj[i]
-        elif kmode == 2:
+                hp[i] = om0[i] - mp[i]
+                hm[i] = om0[i] - mn[i]
+        elif km == 2:
+            mp = np.zeros(B)
+            _lane_sum(mp, Rk, 1, dBb, 0, k, c)
             for i in range(c):
-                hp[i] = 0.0  # the label tangent eta_k
-            for j in range(k):
-                r = Rk[j + 1]
-                bj = dBb[j]
-                for i in range(c):
-                    hp[i] -= r * bj[i]
+                hp[i] = -mp[i]  # the label tangent eta_k
         ak = np.empty(B)
         lpk = np.empty(B)
         good = np.zeros(B, dtype=np.bool_)
@@ -366,17 +487,18 @@ def _population_step(k, blk0, blk1, cnt, blk_group, lcode, kmode, dt, delta, tau
             w = w0 + sq * dW[ib, i]
             dak = lp * w
             dAb[k, i] = dak
-            ub[k, i] = a * w
+            if tan:
+                ub[k, i] = a * w
             lphb[k, i] = lp
             h[ib, i] = hh
             ksamp = 0.0
-            if kmode == 1:
+            if km == 1:
                 lpp = loss_d1(lcode, hp[i], 1.0)
                 lpm = loss_d1(lcode, hm[i], -1.0)
                 dBb[k, i] = lpp * w
-                dC[ib, k, i] = lpm * w
+                dCb[k, i] = lpm * w
                 ksamp = lpp - lpm
-            elif kmode == 2:
+            elif km == 2:
                 ksamp = a * hp[i] + _dl1_dy(lcode, hh, yi)
                 dBb[k, i] = w * ksamp
             if not (math.isfinite(lo) and math.isfinite(dak) and math.isfinite(a)
@@ -391,26 +513,54 @@ def _population_step(k, blk0, blk1, cnt, blk_group, lcode, kmode, dt, delta, tau
             ps[2] += a
             ps[4] += ksamp
             pM[k] += lp * lp
+        # cross moments without the tangent: (dt/delta) l'_k l'_j (ibp) or l'_k dA_j (plain),
+        # vectorised over lanes
+        for i in range(c):
+            if not good[i]:
+                lpk[i] = 0.0
+        _lane_dots(pM, w0 if mibp else 1.0, lpk, lphb if mibp else dAb, k, c)
+        if not tan:
+            continue
+        pM2 = part_M2[ib]
+        for j in range(k + 1):
+            pM2[j] = 0.0
         # tangent rows (O(k^2) per trajectory), two lanes at a time, from per-lane contiguous
-        # copies of the histories u, l' (and dA for the plain cross moments)
+        # copies of the histories u and l'
         UT = np.empty((c, k + 1))
-        LT = np.empty((c, k + 1))
-        AT = np.empty((c if not mibp else 1, k + 1))
+        LT = np.empty((c if mibp else 1, k + 1))
         for j in range(k + 1):
             uj = ub[j]
-            lj = lphb[j]
             for i in range(c):
                 UT[i, j] = uj[i]
-                LT[i, j] = lj[i]
-            if not mibp:
-                aj = dAb[j]
+            if mibp:
+                lj = lphb[j]
                 for i in range(c):
-                    AT[i, j] = aj[i]
+                    LT[i, j] = lj[i]
         v = np.empty(k + 1)
         vv = np.empty(k + 1)
         acc = np.empty(k + 1)
         bcc = np.empty(k + 1)
-        i = 0
+        # four good lanes at a time, then the rest two at a time
+        sel = np.empty(c, dtype=np.int64)
+        ng = 0
+        for i in range(c):
+            if good[i]:
+                sel[ng] = i
+                ng += 1
+        n4 = ng - ng % 4
+        if n4 > 0:
+            U4 = np.empty((4, k + 1))
+            V4 = np.empty((4, k + 1))
+            A4 = np.empty((4, k + 1))
+            for q in range(0, n4, 4):
+                for t in range(4):
+                    U4[t] = UT[sel[q + t]]
+                _tangent_rows4(k, Rg, U4, V4, A4)
+                for t in range(4):
+                    it4 = sel[q + t]
+                    _accumulate(k, ak[it4], LT[it4 if mibp else 0], V4[t], A4[t], pG, pM2, cI,
+                                mibp)
+        i = sel[n4] if n4 < ng else c
         while i < c:
             if not good[i]:
                 i += 1
@@ -418,16 +568,16 @@ def _population_step(k, blk0, blk1, cnt, blk_group, lcode, kmode, dt, delta, tau
             i2 = i + 1
             while i2 < c and not good[i2]:
                 i2 += 1
-            ia = i if not mibp else 0
+            ia = i if mibp else 0
             if i2 < c:
-                ia2 = i2 if not mibp else 0
+                ia2 = i2 if mibp else 0
                 _tangent_rows2(k, Rg, UT[i], UT[i2], v, vv, acc, bcc)
-                _accumulate(k, ak[i], lpk[i], LT[i], AT[ia], v, acc, pG, pM, w0, cI, mibp)
-                _accumulate(k, ak[i2], lpk[i2], LT[i2], AT[ia2], vv, bcc, pG, pM, w0, cI, mibp)
+                _accumulate(k, ak[i], LT[ia], v, acc, pG, pM2, cI, mibp)
+                _accumulate(k, ak[i2], LT[ia2], vv, bcc, pG, pM2, cI, mibp)
                 i = i2 + 1
             else:
                 _tangent_row(k, Rg, UT[i], v, acc)
-                _accumulate(k, ak[i], lpk[i], LT[i], AT[ia], v, acc, pG, pM, w0, cI, mibp)
+                _accumulate(k, ak[i], LT[ia], v, acc, pG, pM2, cI, mibp)
                 i += 1
 
 
@@ -452,6 +602,11 @@ class Populations:
     recorded: ``kappa_direct`` and ``kappa_stein``. ``m_estimator``: 'ibp' (default) or 'plain'
     sample of the cross moments ``E[dA_k dA_j]`` (see :func:`_population_step`).
 
+    ``tangent_sizes``: per group, how many trajectories compute the tangent (rounded up to whole
+    blocks of ``BLOCK``, spread evenly over the group's blocks; default all): ``G``, ``kappa``
+    and the Ito correction of ``M`` are averaged over those only (docs/theory.md, "Subset
+    tangent"); ``self.tsizes`` holds the numbers used.
+
     ``kernels_from`` (Picard baseline only): use these arrays (G, kappa, M) instead of the
     population's own when advancing ``R, b, C, m``; the population's averages still go into
     ``G, kappa, M``.
@@ -461,7 +616,7 @@ class Populations:
     CHUNK_WORK = 6e7
 
     def __init__(self, exp, sizes, seed=None, seed_seqs=None, kappa_estimator="direct",
-                 m_estimator="ibp"):
+                 m_estimator="ibp", tangent_sizes=None, hist_dtype=None):
         self.exp = exp
         self.K = K = exp.steps
         self.sizes = np.asarray(sizes, dtype=np.int64)
@@ -508,17 +663,37 @@ class Populations:
         self.cnt = np.array(cnt, dtype=np.int64)
         self.grp_blk = np.searchsorted(self.blk_group, np.arange(ng + 1))  # blocks of group g
         nb = len(bg)
+        if tangent_sizes is None:
+            tangent_sizes = self.sizes
+        self.blk_tidx = np.full(nb, -1, dtype=np.int64)  # index into u, dB, dC (tangent blocks)
+        self.tsizes = np.zeros(ng, dtype=np.int64)
+        self.grp_tblk = []  # group g's tangent blocks
+        ntb = 0
+        for g in range(ng):
+            nt = min(int(self.sizes[g]), max(1, int(tangent_sizes[g])))
+            b0, nbg = self.grp_blk[g], self.grp_blk[g + 1] - self.grp_blk[g]
+            ntg = -(-nt // BLOCK)
+            # spread evenly over the group's blocks, so that the memory-bound field-only blocks
+            # and the compute-bound tangent blocks run side by side (about 12% faster)
+            idx = b0 + (np.arange(ntg) * nbg) // ntg
+            self.grp_tblk.append(idx)
+            self.blk_tidx[idx] = np.arange(ntb, ntb + ntg)
+            ntb += ntg
+            self.tsizes[g] = int(self.cnt[idx].sum())
         self.part_s = np.zeros((nb, _NS))
         self.part_G = np.zeros((nb, Kp))
         self.part_M = np.zeros((nb, Kp))
-        # per-trajectory state, [block, time, lane]
+        self.part_M2 = np.zeros((nb, Kp))
+        # per-trajectory state, [block, time, lane]; histories stored as hist_dtype
         B = BLOCK
-        self.z = np.zeros((nb, Kp + 1, B))
-        self.dA = np.zeros((nb, Kp, B))
-        self.u = np.zeros((nb, Kp, B))
-        self.lph = np.zeros((nb, Kp, B))
-        self.dB = np.zeros((nb, Kp, B))
-        self.dC = np.zeros((nb, Kp, B) if self.kmode == 1 else (1, 1, B))
+        hd = np.dtype(HIST_DTYPE if hist_dtype is None else hist_dtype)
+        self.hist_dtype = hd
+        self.z = np.zeros((nb, Kp + 1, B), dtype=hd)
+        self.dA = np.zeros((nb, Kp, B), dtype=hd)
+        self.lph = np.zeros((nb, Kp, B), dtype=hd)
+        self.u = np.zeros((ntb, Kp, B), dtype=hd)  # tangent blocks only
+        self.dB = np.zeros((ntb, Kp, B), dtype=hd)
+        self.dC = np.zeros((ntb, Kp, B) if self.kmode == 1 else (1, 1, B), dtype=hd)
         self.h = np.zeros((nb, B))
         self.hstar = np.zeros((nb, B))
         self.y = np.zeros((nb, B))
@@ -528,7 +703,7 @@ class Populations:
         self.rngs = [np.random.Generator(np.random.PCG64(s)) for s in seed_seqs]
         for g, rng in enumerate(self.rngs):
             n = int(self.sizes[g])
-            z0 = rng.standard_normal(n)
+            z0 = rng.standard_normal(n).astype(hd).astype(np.float64)  # h* agrees with stored z_0
             gauss = rng.standard_normal(n)
             unif = rng.random(n)
             hs = math.sqrt(exp.rho) * z0
@@ -555,25 +730,29 @@ class Populations:
             if self.tau > 0:
                 self._put(self.dW, g, sdt * rng.standard_normal(n))
         nb = len(self.cnt)
-        per_traj = 0.5 * k * k + 4.0 * k + 16.0
+        per_traj = 0.5 * k * k * float(self.tsizes.sum()) / float(self.sizes.sum()) + 6.0 * k + 16.0
         chunk = max(1, int(self.CHUNK_WORK / (per_traj * BLOCK)))
         for b0 in range(0, nb, chunk):
             if cancel is not None and cancel.is_set():
                 raise Cancelled
             with parallel_chunksize(PAR_CHUNK):  # dynamic scheduling: robust on shared cores
                 _population_step(k, b0, min(b0 + chunk, nb), self.cnt, self.blk_group,
-                                 self.lcode, self.kmode, self.dt, self.delta,
+                                 self.blk_tidx, self.lcode, self.kmode, self.dt, self.delta,
                                  self.tau, self.L, self.R, self.z, self.hstar, self.y, self.dW,
                                  self.dA, self.u, self.lph, self.dB, self.dC, self.h,
-                                 self.part_s, self.part_G, self.part_M,
+                                 self.part_s, self.part_G, self.part_M, self.part_M2,
                                  self.m_estimator == "ibp")
         # reduce partial sums per group, in block order (deterministic)
         for g in range(self.ng):
             sel = slice(self.grp_blk[g], self.grp_blk[g + 1])
+            selt = self.grp_tblk[g]  # the tangent blocks
             n = float(self.sizes[g])
+            nt = float(self.tsizes[g])
             s = self.part_s[sel].sum(axis=0)
-            Grow = self.part_G[sel, : k + 1].sum(axis=0) / n
+            Grow = self.part_G[selt, : k + 1].sum(axis=0) / nt
             Mrow = self.part_M[sel, : k + 1].sum(axis=0) / n
+            if self.m_estimator == "ibp":
+                Mrow -= self.part_M2[selt, : k + 1].sum(axis=0) / nt
             # E over dW_k given the past (docs/theory.md, "Variance reduction")
             Mrow[:k] *= self.dt / self.delta
             Mrow[k] *= (self.dt / self.delta) ** 2 + self.tau * self.dt / self.delta
@@ -586,9 +765,9 @@ class Populations:
             self.M[g, : k + 1, k] = Mrow
             self.kappa_stein[g, k] = (s[1] / n - Grow @ self.m[g, : k + 1]) / self.rho
             if self.kmode == 1:  # density of h* at 0 times the flip factor
-                kd = (1.0 - 2.0 * self.flip) / math.sqrt(2.0 * math.pi * self.rho) * s[4] / n
+                kd = (1.0 - 2.0 * self.flip) / math.sqrt(2.0 * math.pi * self.rho) * s[4] / nt
             else:
-                kd = s[4] / n
+                kd = s[4] / nt
             self.kappa_direct[g, k] = kd
             self.kappa[g, k] = kd if self.kappa_estimator == "direct" else self.kappa_stein[g, k]
         self.k = k
@@ -607,9 +786,11 @@ class Populations:
     def _put(self, view, g, values):
         """Write group g's per-trajectory values into a ``[block, lane]`` view."""
         b0, b1 = self.grp_blk[g], self.grp_blk[g + 1]
-        tmp = np.zeros((b1 - b0) * BLOCK)
-        tmp[: values.size] = values
-        view[b0:b1] = tmp.reshape(b1 - b0, BLOCK)
+        full = values.size // BLOCK  # whole blocks directly, the partial last one padded
+        view[b0:b0 + full] = values[: full * BLOCK].reshape(full, BLOCK)
+        if b0 + full < b1:
+            view[b0 + full] = 0.0
+            view[b0 + full, : values.size - full * BLOCK] = values[full * BLOCK:]
 
     def _locate(self, g, n):
         b = self.grp_blk[g] + n // BLOCK
@@ -622,10 +803,15 @@ class Populations:
 
     def series(self, name, n, g=0):
         """History (over time) of per-trajectory array ``name`` ('z', 'dA', 'u', 'lph', 'dB',
-        'dC') for trajectory n of group g; scalars ('h', 'hstar', 'y') give a number."""
+        'dC'; the last three only for tangent trajectories) for trajectory n of group g;
+        scalars ('h', 'hstar', 'y') give a number."""
         b, i = self._locate(g, n)
         arr = getattr(self, name)
-        return arr[b, :, i].copy() if arr.ndim == 3 else float(arr[b, i])
+        if name in ("u", "dB", "dC"):
+            b = int(self.blk_tidx[b])
+            if b < 0:
+                raise IndexError(f"trajectory {n} of group {g} has no tangent history")
+        return arr[b, :, i].astype(np.float64) if arr.ndim == 3 else float(arr[b, i])
 
     def kernels(self, g=0, k=None):
         """Kernel matrices of group g up to step k: t, C (symmetric), R (lower, NaN above),
@@ -658,13 +844,16 @@ def _labels_kernel(tcode, hs, gauss, unif, noise, flip, out):
 # the engine: stream of Snapshots
 # --------------------------------------------------------------------------------------------
 ENGINE = "dmft-mc"
-#: Number of independent replica populations used for the standard errors.
+#: Number of independent replica populations used for the standard errors: at least REPLICAS,
+#: up to MAX_REPLICAS where the replica budget allows (the se from r replicas is itself
+#: uncertain by about 1/sqrt(2 (r-1)): 27% for 8, 18% for 16).
 REPLICAS = 8
-#: Replica size: samples // REPLICA_DIVISOR, but at least MIN_REPLICA (and at most samples):
-#: the replicas add REPLICAS / REPLICA_DIVISOR = 25% to the work of a large solve.
-#: Populations below about 1000 trajectories are noisier than 1/N extrapolates (measured,
-#: docs/theory.md), so smaller replicas would overstate the error of the main population.
-REPLICA_DIVISOR = 32
+MAX_REPLICAS = 16
+#: The replicas together hold samples // REPLICA_DIVISOR trajectories (25% more work for a large
+#: solve), each at least MIN_REPLICA (and at most samples): populations below about 1000
+#: trajectories are noisier than 1/N extrapolates (measured, docs/theory.md), so smaller
+#: replicas would overstate the error of the main population.
+REPLICA_DIVISOR = 4
 MIN_REPLICA = 1000
 #: Field histogram: HIST_BINS equal bins over mean +- HIST_SIGMAS std (the simulator's layout).
 HIST_BINS = 60
@@ -674,29 +863,59 @@ DENSITY_POINTS = 201
 OBS = ("train_loss", "test_loss", "test_error", "m", "Q", "cosine")
 
 
-def replica_plan(N: int, replicas: int = REPLICAS, divisor: int = REPLICA_DIVISOR,
+def replica_plan(N: int, replicas: int | None = None, divisor: int = REPLICA_DIVISOR,
                  min_size: int = MIN_REPLICA):
-    """Population sizes: ``[N] + [n_rep] * replicas`` with
-    ``n_rep = min(N, max(N // divisor, min_size))``; just ``[N]`` if ``replicas < 2``."""
-    if replicas < 2:
+    """Population sizes: ``[N] + [n_rep] * r`` with ``n_rep = min(N, max(N // (divisor r),
+    min_size))`` and, unless ``replicas`` is given, ``r = min(MAX_REPLICAS, max(REPLICAS,
+    N // (divisor min_size)))`` (8 replicas of max(N/32, 1000) up to N = 32000, 16 of
+    max(N/64, 1000) from N = 64000); just ``[N]`` if ``r < 2``."""
+    r = replicas if replicas is not None else min(MAX_REPLICAS,
+                                                  max(REPLICAS, N // (divisor * min_size)))
+    if r < 2:
         return [N]
-    n_rep = min(N, max(N // divisor, min_size))
-    return [N] + [n_rep] * replicas
+    n_rep = min(N, max(N // (divisor * r), min_size))
+    return [N] + [n_rep] * r
 
 
-def memory_bytes(exp, sizes) -> int:
-    """Memory the populations hold: per trajectory about 6 (K+1) doubles of history (z, dA, u,
-    l', and the two kappa paths), per population 6 (K+1)^2 doubles (R, C, G, M, L, ...)."""
+#: Subset tangent (docs/theory.md, "Subset tangent"): a population of N trajectories computes
+#: the O(k^2) tangent row (G) and the kappa paths on its first
+#: ``min(N, max(TANGENT_MIN, N // TANGENT_DIVISOR))`` trajectories only; fields, cross moments
+#: M and the train loss use all N. Measured in the benchmark configuration: the test-loss
+#: variance is about ``A/N + B/N_t`` with ``B/A`` about 0.1-0.15, and a tangent trajectory
+#: costs about 3.5 times a field-only one, so at equal accuracy any ``N_t/N`` between 1/8 and
+#: 1/4 halves the cost (1/4 is the less noise-sensitive end). Below TANGENT_MIN (the default
+#: samples included) every trajectory computes the tangent, as before.
+TANGENT_MIN = 4096
+TANGENT_DIVISOR = 4
+
+
+def tangent_plan(sizes, tangent_min: int = TANGENT_MIN, divisor: int = TANGENT_DIVISOR):
+    """Tangent subset sizes for the populations ``sizes = [N, n_rep, ...]``: ``N_t =
+    min(N, max(tangent_min, N // divisor))`` for the main population and the same fraction
+    ``N_t / N`` (rounded up) for each replica, so that every population's variance has the same
+    ``1/N`` law and the replica spread rescales to the main population's error."""
+    N = int(sizes[0])
+    nt = min(N, max(int(tangent_min), N // max(1, int(divisor))))
+    return [nt] + [min(int(n), -(-int(n) * nt // N)) for n in sizes[1:]]
+
+
+def memory_bytes(exp, sizes, tangent_sizes=None) -> int:
+    """Memory the populations hold: per trajectory about 3 (K+1) history values (z, dA, l';
+    :data:`HIST_DTYPE`) and 5 doubles, per tangent trajectory 3 (K+1) more history values (u and
+    the two kappa paths), per population 6 (K+1)^2 doubles (R, C, G, M, L, ...)."""
     Kp = exp.steps + 1
+    hb = np.dtype(HIST_DTYPE).itemsize
+    tangent_sizes = sizes if tangent_sizes is None else tangent_sizes
     ntraj = sum(-(-int(n) // BLOCK) * BLOCK for n in sizes)
-    return 8 * (ntraj * (6 * Kp + 5) + len(sizes) * 6 * Kp * Kp)
+    ntan = sum(-(-int(min(n, t)) // BLOCK) * BLOCK for n, t in zip(sizes, tangent_sizes))
+    return (hb * (ntraj * 3 * Kp + ntan * 3 * Kp) + 8 * (ntraj * 5 + len(sizes) * 6 * Kp * Kp))
 
 
-def check_memory(exp, sizes, fraction=0.5):
+def check_memory(exp, sizes, tangent_sizes=None, fraction=0.5):
     """ConfigError('samples') if the solve would need more than ``fraction`` of the RAM."""
     from ..config import ConfigError
 
-    need = memory_bytes(exp, sizes)
+    need = memory_bytes(exp, sizes, tangent_sizes)
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
@@ -757,8 +976,9 @@ def theta_density(Q):
     return x, np.exp(-0.5 * x * x / Q) / math.sqrt(2 * math.pi * Q)
 
 
-def stream(exp, cancel=None, replicas: int = REPLICAS, divisor: int = REPLICA_DIVISOR,
-           min_replica: int = MIN_REPLICA, **population_options):
+def stream(exp, cancel=None, replicas: int | None = None, divisor: int = REPLICA_DIVISOR,
+           min_replica: int = MIN_REPLICA, tangent_min: int = TANGENT_MIN,
+           tangent_divisor: int = TANGENT_DIVISOR, **population_options):
     """Monte Carlo DMFT (engine 'dmft-mc'): one Snapshot per recording step (every
     ``exp.record_every`` grid steps, and the last), each yielded as soon as its step is solved.
 
@@ -766,6 +986,8 @@ def stream(exp, cancel=None, replicas: int = REPLICAS, divisor: int = REPLICA_DI
     ``replicas`` independent populations of ``n_rep`` trajectories (:func:`replica_plan`): the
     sample standard deviation of an observable over the replicas times ``sqrt(n_rep/samples)``
     (the variance of every curve falls like 1/N; docs/theory.md, "Standard errors").
+    Large populations compute the tangent on a subset (:func:`tangent_plan`; ``tangent_min``,
+    ``tangent_divisor``; ``tangent_divisor=1`` turns it off).
     Raises SolverError (after yielding what was computed) when the main population diverges.
     """
     from ..snapshot import Snapshot, SolverError
@@ -774,8 +996,9 @@ def stream(exp, cancel=None, replicas: int = REPLICAS, divisor: int = REPLICA_DI
     K = exp.steps
     N = int(exp.samples)
     sizes = replica_plan(N, replicas, divisor, min_replica)
-    check_memory(exp, sizes)
-    pop = Populations(exp, sizes, **population_options)
+    tsizes = tangent_plan(sizes, tangent_min, tangent_divisor)
+    check_memory(exp, sizes, tsizes)
+    pop = Populations(exp, sizes, tangent_sizes=tsizes, **population_options)
     alive = np.ones(len(sizes), dtype=bool)
     scale = math.sqrt(sizes[-1] / N) if len(sizes) > 1 else math.nan
     kernel_every = max(1, int(round(0.1 * K)))

@@ -1,0 +1,188 @@
+"""Speed and accuracy of the Monte Carlo DMFT of the committee machine (solver.dmft.committee).
+
+Run:  python benchmarks/committee.py [--quick] [--no-write] [--samples N1,N2] [--seeds S]
+
+Configuration (issue #5's benchmark, THEORY.md 5.5 setup): k = k* = 2, erf, v = 1, rho = I,
+q0 = 0.1, m0 = 0.2, square loss, no label noise, lambda = 0, tau = 0.5, delta = 2, T = 10,
+dt = 0.05 (K = 200 steps).
+
+* Engine: ``committee.stream`` as shipped (main population of N trajectories, 5 replica
+  populations for the standard errors, snapshots, kernels extra): wall time, CPU time (all
+  threads), time to the first snapshot, peak RSS (``ru_maxrss`` of this process, i.e. the
+  largest run so far; runs go in increasing N), generalisation error eg at T with its standard
+  error, and the N a 0.1% standard error would need (``N (se/0.1%)^2``, every curve's variance
+  falls like 1/N).
+* Sweep alone (one population of N, no replicas): with the tangent on the engine's subset of
+  trajectories (``tangent_fraction_for``) and on all of them (``tangent_fraction=1``), which
+  shows what the tangent costs.
+* Seed spread (``--seeds S``, first N): S independent sweeps; their standard deviation of eg at
+  T against the replica standard error the engine printed.
+
+Kernels are compiled (numba cache) before timing. Writes its table into the "Committee
+machines" section of docs/benchmarks.md (between the committee markers) unless --no-write or
+--quick. Takes about 2-3 minutes on 2 quiet cores.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import re
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from solver.config import Experiment  # noqa: E402
+from solver.dmft import committee as dc  # noqa: E402
+
+DOC = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- committee:begin -->", "<!-- committee:end -->"
+SECTION = "## Committee machines"
+KEYS = ("test_error", "train_loss", "m", "Q")
+
+
+def config(N, quick=False, seed=0):
+    return Experiment(model="committee", loss="square", teacher="linear", activation="erf", k=2,
+                      kstar=2, q0=0.1, m0=0.2, rho=1.0, noise=0.0, lam=0.0, tau=0.5, delta=2.0,
+                      dt=0.05, T=3.0 if quick else 10.0, record_every=20, samples=N,
+                      method="mc", seed=seed).validate()
+
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def engine(exp):
+    """The shipped engine; returns (last snapshot, wall s, cpu s, first-snapshot s)."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    first = None
+    last = None
+    for snap in dc.stream(exp):
+        if first is None:
+            first = time.perf_counter() - w0
+        last = snap
+    return last, time.perf_counter() - w0, time.process_time() - c0, first
+
+
+def sweep(exp, fraction=None):
+    """One population of exp.samples, no replicas; returns (values at T, wall s, cpu s)."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    n = exp.samples
+    frac = dc.tangent_fraction_for(n) if fraction is None else fraction
+    pop = dc.Population(exp, n, np.random.SeedSequence(exp.seed).spawn(1)[0],
+                        relu_width=dc.relu_width_for(n), tangent_fraction=frac)
+    for s in range(exp.steps + 1):
+        pop.step(s)
+    obs = dc._observables(exp, [pop], exp.steps)
+    return ({k: float(obs[k][0]) for k in KEYS}, time.perf_counter() - w0,
+            time.process_time() - c0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="T = 3, small N: a smoke run")
+    ap.add_argument("--no-write", action="store_true", help="leave docs/benchmarks.md alone")
+    ap.add_argument("--samples", help="comma-separated N of the main population")
+    ap.add_argument("--seeds", type=int, default=None, help="independent sweeps for the spread")
+    args = ap.parse_args(argv)
+    threads = os.environ.get("NUMBA_NUM_THREADS", str(os.cpu_count()))
+    Ns = [int(x) for x in (args.samples or ("2000" if args.quick else "8000,64000")).split(",")]
+    S = args.seeds if args.seeds is not None else (2 if args.quick else 6)
+
+    # compile (or load) every kernel on a tiny problem
+    for _ in dc.stream(config(64, True).copy(T=0.2)):
+        pass
+
+    heads = []
+    for N in sorted(Ns):
+        exp = config(N, args.quick)
+        snap, wall, cpu, first = engine(exp)
+        mem = peak_mb()
+        sizes = dc.replica_plan(N)
+        eg, se = snap.values["test_error"], snap.se["test_error"]
+        rel = se / eg
+        nt = min(N, math.ceil(dc.tangent_fraction_for(N) * N / dc.BLOCK) * dc.BLOCK)
+        h = dict(N=N, sizes=sizes, nt=nt, wall=wall, cpu=cpu, first=first, mem=mem, snap=snap, rel=rel,
+                 need=N * (rel / 1e-3) ** 2)
+        print(f"N={N}: engine {wall:.1f} s wall, {cpu:.1f} s cpu, first snapshot "
+              f"{1e3 * first:.0f} ms, peak RSS {mem:.0f} MB; eg(T) = {eg:.6f} +- {se:.6f} "
+              f"({100 * rel:.2f}%), 0.1% needs N ~ {h['need']:.2g}; load "
+              f"{os.getloadavg()[0]:.1f}", flush=True)
+        if N == min(Ns):
+            v1, w1, c1 = sweep(exp)
+            vf, wf, cf = sweep(exp, 1.0)
+            h.update(sweep_sub=(w1, c1), sweep_full=(wf, cf))
+            print(f"N={N}: sweep alone {w1:.1f} s wall / {c1:.1f} s cpu (tangent on "
+                  f"{h['nt']}), {wf:.1f} s / {cf:.1f} s (tangent on all)", flush=True)
+            if S >= 2:
+                egs = [v1["test_error"]] + [sweep(config(N, args.quick, seed=s))[0]["test_error"]
+                                            for s in range(1, S)]
+                h["spread"] = (float(np.std(egs, ddof=1)), S, float(np.mean(egs)))
+                print(f"N={N}: seed spread of eg(T) over {S} sweeps {h['spread'][0]:.6f} "
+                      f"({100 * h['spread'][0] / np.mean(egs):.2f}%), engine se {se:.6f}",
+                      flush=True)
+        heads.append(h)
+    table = render(config(Ns[0], args.quick), heads, threads)
+    print(table)
+    if not args.no_write and not args.quick:
+        write_doc(table)
+
+
+def render(exp, heads, threads):
+    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} "
+             f"({os.cpu_count()} cores, NUMBA_NUM_THREADS={threads}, load average "
+             f"{os.getloadavg()[0]:.1f} at the end), `python benchmarks/committee.py`: k = k* = "
+             f"2, erf, rho = I, q0 = 0.1, m0 = 0.2, tau = {exp.tau}, delta = {exp.delta}, "
+             f"lambda = 0, T = {exp.T}, dt = {exp.dt} (K = {exp.steps}). One run each (the "
+             "machine may be shared: CPU time is the steadier number). N_t: trajectories of the "
+             "main population that carry the tangent (the same fraction in each replica).", "",
+             "| N | N_t | replicas | engine wall (s) | engine CPU (s) | first snapshot (ms) "
+             "| peak RSS (MB) | eg at T | se (%) | N for se = 0.1% |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for h in heads:
+        sn, sz = h["snap"], h["sizes"]
+        lines.append(f"| {h['N']} | {h['nt']} | {len(sz) - 1} x {sz[-1]} | {h['wall']:.1f} | "
+                     f"{h['cpu']:.1f} | {1e3 * h['first']:.0f} | {h['mem']:.0f} | "
+                     f"{sn.values['test_error']:.5f} +- {sn.se['test_error']:.5f} | "
+                     f"{100 * h['rel']:.2f} | {h['need']:.2g} |")
+    last = heads[-1]["snap"]
+    lines += ["", f"At T (N = {heads[-1]['N']}): " + ", ".join(
+        f"{k} {last.values[k]:.5f} +- {last.se[k]:.5f}" for k in ("train_loss", "m", "Q", "M_0_1"))
+        + "."]
+    h0 = heads[0]
+    if "sweep_sub" in h0:
+        (w1, c1), (wf, cf) = h0["sweep_sub"], h0["sweep_full"]
+        lines += ["", f"Sweep alone at N = {h0['N']} (one population, no replicas): "
+                  f"{w1:.1f} s wall / {c1:.1f} s CPU with the tangent on N_t = {h0['nt']}, "
+                  f"{wf:.1f} s / {cf:.1f} s with the tangent on all N."]
+    if "spread" in h0:
+        sd, S, mean = h0["spread"]
+        lines += ["", f"Seed spread at N = {h0['N']}: {S} independent sweeps give eg(T) = "
+                  f"{mean:.5f} with standard deviation {sd:.6f} ({100 * sd / mean:.2f}%); the "
+                  f"engine's replica se was {h0['snap'].se['test_error']:.6f}."]
+    return "\n".join(lines)
+
+
+def write_doc(table):
+    text = DOC.read_text()
+    block = f"{BEGIN}\n{table}\n{END}"
+    if BEGIN in text and END in text:
+        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text,
+                      flags=re.S)
+    else:
+        if SECTION not in text:
+            text = text.rstrip("\n") + f"\n\n{SECTION}\n"
+        text = text.rstrip("\n") + f"\n\n{block}\n"
+    DOC.write_text(text)
+    print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()
