@@ -637,6 +637,8 @@ class Dashboard(pn.viewable.Viewer):
             self._reported = False
             self.stop_button.disabled = True
             self._rebuild_plots()
+            if self._curves_dirty:  # same plots as planned: draw the opened run now
+                self._send_curves()
             self._update_times()
             self._update_status()
             self.status.object = (f'<div class="sgf-status"><b>{html.escape(label or "Opened")}'
