@@ -28,7 +28,6 @@ import argparse
 import math
 import os
 import platform
-import re
 import resource
 import sys
 import time
@@ -39,11 +38,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _doc import write_block  # noqa: E402  (benchmarks/_doc.py)
 from solver.config import Experiment  # noqa: E402
 from solver.dmft import committee as dc  # noqa: E402
 
-DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- committee:begin -->", "<!-- committee:end -->"
 SECTION = "## Committee machines"
 KEYS = ("test_error", "train_loss", "m", "Q")
 
@@ -171,17 +169,7 @@ def render(exp, heads, threads):
 
 
 def write_doc(table):
-    text = DOC.read_text()
-    block = f"{BEGIN}\n{table}\n{END}"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text,
-                      flags=re.S)
-    else:
-        if SECTION not in text:
-            text = text.rstrip("\n") + f"\n\n{SECTION}\n"
-        text = text.rstrip("\n") + f"\n\n{block}\n"
-    DOC.write_text(text)
-    print(f"wrote {DOC}")
+    write_block("committee", table, section=SECTION)
 
 
 if __name__ == "__main__":

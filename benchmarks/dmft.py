@@ -37,7 +37,6 @@ import argparse
 import math
 import os
 import platform
-import re
 import resource
 import sys
 import time
@@ -48,13 +47,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _doc import write_block  # noqa: E402  (benchmarks/_doc.py)
 from solver.config import Experiment  # noqa: E402
 from solver.dmft import glm  # noqa: E402
 from solver.observables import metrics  # noqa: E402
 
 REPEATS = 2
-DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- dmft:begin -->", "<!-- dmft:end -->"
 CURVES = ("train_loss", "test_loss", "m", "Q")
 EXTRA = ("test_error",)
 
@@ -322,14 +320,7 @@ def render(exp, heads, Np, rows, threads):
 
 
 def write_doc(table):
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{table}\n{END}"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOC.write_text(text)
-    print(f"wrote {DOC}")
+    write_block("dmft", table, section=None)
 
 
 if __name__ == "__main__":

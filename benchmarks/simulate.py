@@ -20,7 +20,6 @@ import argparse
 import math
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _doc import write_block  # noqa: E402  (benchmarks/_doc.py)
 from solver.config import Experiment  # noqa: E402
 from solver.models import LOSS_CODES  # noqa: E402
 from solver.simulate import kernels as K  # noqa: E402
@@ -41,7 +41,6 @@ REPEATS = 3
 #: is the uncontended time (a unit fits in a scheduler time slice).
 UNITS = 40
 DOC = ROOT / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- simulate:begin -->", "<!-- simulate:end -->"
 
 
 def best_unit(fn, unit, total):
@@ -240,13 +239,7 @@ def main(argv=None):
 
 
 def write_doc(table):
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{table}\n{END}"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n## Simulator\n\n" + block + "\n"
-    DOC.write_text(text)
+    write_block("simulate", table, section="## Simulator")
 
 
 if __name__ == "__main__":
