@@ -39,7 +39,7 @@ class CapError(ConfigError):
     """A configuration above the server's per-session cap (``param`` names the parameter)."""
 
 
-def _env_int(name: str, default: int | None) -> int | None:
+def env_int(name: str, default: int | None) -> int | None:
     raw = os.environ.get(name)
     if raw is None or not raw.strip():
         return default
@@ -57,7 +57,7 @@ def _env_int(name: str, default: int | None) -> int | None:
 
 def caps() -> dict[str, int | None]:
     """The caps in force (read from the environment on each call; None = no cap)."""
-    return {k: _env_int(env, default) for k, (env, default, _) in CAPS.items()}
+    return {k: env_int(env, default) for k, (env, default, _) in CAPS.items()}
 
 
 def check_caps(exp, sims=("sim",), limits: dict | None = None) -> None:
@@ -217,5 +217,5 @@ def shared_pool() -> Pool:
     global _SHARED
     with _SHARED_LOCK:
         if _SHARED is None:
-            _SHARED = Pool(_env_int(WORKERS_ENV, DEFAULT_WORKERS) or DEFAULT_WORKERS)
+            _SHARED = Pool(env_int(WORKERS_ENV, DEFAULT_WORKERS) or DEFAULT_WORKERS)
         return _SHARED

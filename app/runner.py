@@ -16,6 +16,7 @@ inject fakes with the same signature ``stream(exp, cancel) -> Iterator[Snapshot]
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import queue
@@ -102,6 +103,12 @@ def parallel_threadsafe() -> bool:
 _PARALLEL_GUARD = threading.Lock()
 
 
+def parallel_guard():
+    """Context for running a parallel (numba prange) kernel from a worker thread: the
+    process-wide lock when numba's threading layer is not threadsafe, else nothing."""
+    return _PARALLEL_GUARD if not parallel_threadsafe() else contextlib.nullcontext()
+
+
 def _put(q: queue.Queue, ev: Event, cancel: threading.Event) -> bool:
     """Put on a bounded queue without blocking forever (gives up once cancelled)."""
     while True:
@@ -117,10 +124,7 @@ def _run_job(run_id: int, job: Job, fn: StreamFn, cancel: threading.Event,
              q: queue.Queue) -> None:
     try:
         _put(q, Event(run_id, job.key, "start"), cancel)
-        if job.kind == "theory" and not parallel_threadsafe():
-            with _PARALLEL_GUARD:
-                _run_stream(run_id, job, fn, cancel, q)
-        else:
+        with parallel_guard() if job.kind == "theory" else contextlib.nullcontext():
             _run_stream(run_id, job, fn, cancel, q)
         _put(q, Event(run_id, job.key, "cancelled" if cancel.is_set() else "done"), cancel)
     except Exception as e:  # noqa: BLE001 - every failure is shown to the user, never raised
@@ -225,6 +229,11 @@ class Runner:
         if self._cancel.is_set():
             return None
         return self.pool.position(self._group)
+
+    @property
+    def group(self):
+        """This session's :class:`~app.pool.Group` on the shared pool (its cap and queue)."""
+        return self._group
 
     def drain(self, max_events: int = 100000) -> list[Event]:
         """Events of the current run queued since the last call (older runs' are dropped)."""

@@ -41,8 +41,8 @@ from solver.config import ConfigError, Experiment, parameter_help, valid_range
 from solver.sweep import VOLATILE_COLUMNS as VOLATILE
 from solver.sweep import GridError, Sweep, default_cache_dir, parse_grid, point_key, solver_tag
 
-from .pool import CapError, Group, Ticket, _env_int, check_caps, shared_pool
-from .runner import _PARALLEL_GUARD, parallel_threadsafe
+from .pool import CapError, Group, Ticket, check_caps, env_int, shared_pool
+from .runner import parallel_guard
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def sweepable() -> list[str]:
 
 def max_points() -> int | None:
     """Largest sweep a session may launch ($SGF_DMFT_MAX_SWEEP_POINTS; 0/none: no limit)."""
-    return _env_int(MAX_POINTS_ENV, DEFAULT_MAX_POINTS)
+    return env_int(MAX_POINTS_ENV, DEFAULT_MAX_POINTS)
 
 
 def suggested_values(name: str, num: int = 4) -> str:
@@ -180,7 +180,7 @@ class SweepTab(pn.viewable.Viewer):
         self.period_ms = period_ms
         pool = dashboard.runner.pool if dashboard is not None else shared_pool()
         self.pool = pool
-        group = getattr(getattr(dashboard, "runner", None), "_group", None)
+        group = getattr(getattr(dashboard, "runner", None), "group", None)
         self.group = group if isinstance(group, Group) else Group(pool.workers)
         self._queue: queue.Queue = queue.Queue()
         self._lock = threading.RLock()
@@ -458,8 +458,7 @@ class SweepTab(pn.viewable.Viewer):
             if cancel.is_set():
                 self._queue.put((sid, p.index, None, None))
                 return
-            guard = _PARALLEL_GUARD if not parallel_threadsafe() else contextlib.nullcontext()
-            with guard:
+            with parallel_guard():
                 self._solve_point(sid, p, cancel)
         return run
 
