@@ -161,16 +161,7 @@ def _tangent_row(k, R, u, v, acc):
         R2 = R[kp - 1]
         R3 = R[kp - 2]
         R4 = R[kp - 3]
-        v1 = v[kp]
-        acc[kp - 1] += v1 * R1[kp]
-        v2 = -u[kp - 1] * acc[kp - 1]
-        acc[kp - 2] += v1 * R1[kp - 1] + v2 * R2[kp - 1]
-        v3 = -u[kp - 2] * acc[kp - 2]
-        acc[kp - 3] += v1 * R1[kp - 2] + v2 * R2[kp - 2] + v3 * R3[kp - 2]
-        v4 = -u[kp - 3] * acc[kp - 3]
-        v[kp - 1] = v2
-        v[kp - 2] = v3
-        v[kp - 3] = v4
+        v1, v2, v3, v4 = _head4(kp, R1, R2, R3, u, v, acc)
         for mm in range(kp - 3):
             acc[mm] += v1 * R1[mm + 1] + v2 * R2[mm + 1] + v3 * R3[mm + 1] + v4 * R4[mm + 1]
         v[kp - 4] = -u[kp - 4] * acc[kp - 4]
