@@ -10,6 +10,7 @@ headless chromium, timed from the click. ``--jobs``: each engine call alone.
     NUMBA_NUM_THREADS=2 python -m app.bench --set dt=0.05 --set samples=2000   # variants
     NUMBA_NUM_THREADS=2 python -m app.bench --jobs                # each engine call alone
     NUMBA_NUM_THREADS=2 python -m app.bench --browser             # served, in headless chromium
+    NUMBA_NUM_THREADS=2 python -m app.bench --redraw              # cost of one curve redraw
 
 The kernels are warmed up first (as the server does at start), so the numbers are those of a
 Run on a warm server. Prints one line per run and per series, the process CPU time of the run
@@ -153,6 +154,80 @@ def measure_jobs(preset: str | None = None, sets: dict | None = None) -> list[di
     return out
 
 
+def _truncate(data: dict, k: int) -> dict:
+    """The curve data of :func:`app.plots.curve_data` cut to its first ``k`` points."""
+    out = {}
+    for sid, v in data.items():
+        n = min(k, len(v["x"]))
+        out[sid] = dict(v, x=v["x"][:n], t=v["t"][:n],
+                        values={o: (a[:n], b[:n]) for o, (a, b) in v["values"].items()})
+    return out
+
+
+def measure_redraw(preset: str | None = None, redraws: int = 20, sets: dict | None = None
+                   ) -> dict:
+    """Server cost of one redraw of the Curves tab, both paths in the same process: the
+    HoloViews path (data sent through the DynamicMaps' Pipe) and the direct path (app/draw.py:
+    Bokeh sources streamed, ranges set). The page is rendered into a Bokeh document (as a
+    served session, without a browser); a Run of ``preset`` is computed first, then its
+    curves are replayed growing in ``redraws`` steps through each path. Per redraw: CPU
+    seconds (process time of this thread's work) and the bytes of the PATCH-DOC message a
+    browser would receive."""
+    import bokeh.document
+    from bokeh.protocol import Protocol
+
+    from solver.warmup import warmup
+
+    from . import draw, plots, presets
+    from .dashboard import Dashboard
+
+    warmup()
+    name = preset or presets.default_name()
+    d = Dashboard(period_ms=0, sync_url=False)
+    _configure(d, name, sets or {})
+    doc = bokeh.document.Document()
+    d.template().server_doc(doc)
+    if not d.run():
+        raise SystemExit(f"invalid preset {name!r}: {d.alert.object}")
+    if not d.wait(600):
+        raise SystemExit("the run did not finish")
+    full = plots.curve_data(d._runs_and_styles(), d.xaxis)
+    n = max(len(v["x"]) for v in full.values())
+    ks = sorted({max(1, round(n * (i + 1) / redraws)) for i in range(redraws)})
+    events = []
+    doc.on_change(lambda ev: events.append(ev))
+    proto = Protocol()
+
+    def nbytes():
+        if not events:
+            return 0
+        msg = proto.create("PATCH-DOC", list(events))
+        events.clear()
+        return len(msg.content_json) + sum(len(b.to_bytes()) for b in msg.buffers)
+
+    out = {"preset": name, "points": n, "redraws": len(ks), "load_before": loadavg()}
+    for path in ("holoviews", "direct"):
+        d.curve_pipe.send({})
+        events.clear()
+        cpu, sent = [], []
+        for k in ks:
+            data = _truncate(full, k)
+            c0 = time.process_time()
+            if path == "direct":
+                if not draw.send_curves(d.grid, d.curves_pane, data):
+                    raise SystemExit("direct path not available")
+            else:
+                d.curve_pipe.send(data)
+            cpu.append(time.process_time() - c0)
+            sent.append(nbytes())
+        out[path] = {"cpu_s_mean": sum(cpu) / len(cpu), "cpu_s_max": max(cpu),
+                     "bytes_mean": sum(sent) / len(sent), "bytes_last": sent[-1]}
+    out["load_after"] = loadavg()
+    out["direct_stats"] = draw.stats(d.grid)
+    d.close()
+    return out
+
+
 #: Where the browser mode looks for chromium (as tests/conftest.py).
 CHROMIUM = os.environ.get("SGF_DMFT_CHROMIUM", "/usr/bin/chromium")
 _FIRST_POINT_JS = """() => {
@@ -166,6 +241,22 @@ _FIRST_POINT_JS = """() => {
   }
   return false;
 }"""
+
+
+def _draw_stats(d, t0: float | None = None) -> dict:
+    """How the session drew its curves: direct updates, HoloViews fallbacks, sources
+    streamed/replaced (cumulative for its current plots), redraws skipped by backpressure;
+    with ``t0`` (perf_counter of the click) the seconds from it to the first direct draw."""
+    from . import draw
+
+    dc = getattr(d.grid, "_direct", None)
+    out = draw.stats(d.grid)
+    if t0 is not None and dc is not None:
+        after = [t - t0 for t in dc.times if t >= t0]
+        out["click_to_first_direct_draw_s"] = round(after[0], 3) if after else None
+    bp = draw._BACKPRESSURE.get(d.curves_pane)
+    out["skipped_backlog"] = bp.skipped if bp else 0
+    return out
 
 
 def measure_browser(preset: str | None = None, repeat: int = 2, timeout: float = 300.0,
@@ -237,6 +328,7 @@ def measure_browser(preset: str | None = None, repeat: int = 2, timeout: float =
                             "click_to_done_text_s": done, "first_theory_s": run.t_first_theory,
                             "all_curves_s": run.t_all, "cpu_s": cpu_seconds() - c0,
                             "load_before": load0, "load_after": loadavg(),
+                            "curve_draws": _draw_stats(d, t0),
                             "series": {k: {"label": s.label, "status": s.status,
                                            "first_s": s.t_first, "end_s": s.t_end}
                                        for k, s in run.series.items()}})
@@ -265,6 +357,9 @@ def main(argv=None) -> int:
     ap.add_argument("--browser", action="store_true",
                     help="serve the app and time Runs in headless chromium (Playwright; "
                          "SGF_DMFT_CHROMIUM, default /usr/bin/chromium)")
+    ap.add_argument("--redraw", action="store_true",
+                    help="server cost (CPU, bytes sent) of one redraw of the curves: HoloViews "
+                         "path against the direct path (app/draw.py), same process")
     ap.add_argument("--screenshot", default=None, help="with --browser: save a screenshot")
     ap.add_argument("--json", action="store_true", help="print JSON instead of text")
     a = ap.parse_args(argv)
@@ -288,6 +383,24 @@ def main(argv=None) -> int:
                   f"{_s(r['first_theory_s'], 2)} s, all curves {_s(r['all_curves_s'])} s, cpu "
                   f"{r['cpu_s']:.1f} s (load average {r['load_before']:.1f} -> "
                   f"{r['load_after']:.1f})")
+            print(f"    curve draws: {r['curve_draws']}")
+        return 0
+    if a.redraw:
+        r = measure_redraw(a.preset, sets=sets)
+        if a.json:
+            print(json.dumps(r, indent=2))
+            return 0
+        print(f"{r['preset']}: {r['points']} points per series, {r['redraws']} redraws growing "
+              f"to all of them (load average {_s(r['load_before'])} -> {_s(r['load_after'])};"
+              f" CPU time of this process)")
+        for path in ("holoviews", "direct"):
+            p = r[path]
+            print(f"    {path:9s} cpu per redraw {p['cpu_s_mean'] * 1e3:7.1f} ms (max "
+                  f"{p['cpu_s_max'] * 1e3:.1f}), patch sent {p['bytes_mean'] / 1e3:7.1f} kB "
+                  f"(last {p['bytes_last'] / 1e3:.1f} kB)")
+        print(f"    ratio holoviews/direct cpu "
+              f"{r['holoviews']['cpu_s_mean'] / max(r['direct']['cpu_s_mean'], 1e-9):.1f}x; "
+              f"direct path: {r['direct_stats']}")
         return 0
     if a.jobs:
         res = measure_jobs(a.preset, sets)

@@ -21,7 +21,7 @@ import param
 
 from solver.config import ConfigError, Experiment
 
-from . import export, plots, presets
+from . import cleanup, draw, export, plots, presets
 from .about import about_panel
 from .controls import (COMMITTEE_ONLY, GROUPS, URL_PARAMS, horizon_text, inner_widget,
                        list_text, matrix_text, parse_matrix, widget_for)
@@ -39,7 +39,8 @@ SESSIONS: "weakref.WeakSet[Dashboard]" = weakref.WeakSet()
 
 XAXES = {"time t": "t", "epochs": "epochs", "steps": "sgd_steps"}
 #: At Run, the old curves are cleared together with the theory's first point, or after this
-#: many seconds if it takes longer (a redraw costs ~0.4 s of CPU: one instead of two).
+#: many seconds if it takes longer (one redraw instead of two: each also re-renders the plots
+#: in the browser).
 FIRST_DRAW_WAIT = 0.3
 
 
@@ -106,8 +107,10 @@ class Dashboard(pn.viewable.Viewer):
         SESSIONS.add(self)
         doc = pn.state.curdoc
         self._in_session = bool(doc and doc.session_context)
+        self._doc = doc if self._in_session else None
         if self._in_session:
             pn.state.on_session_destroyed(self._on_destroyed)
+            self.runner.on_first_snapshot = self._wake
             if sync_url and pn.state.location is not None:
                 self.sync_location(pn.state.location)
         self._rebuild_plots()
@@ -480,7 +483,10 @@ class Dashboard(pn.viewable.Viewer):
     def _send_curves(self):
         t0 = time.perf_counter()
         self.last_curve_data = plots.curve_data(self._runs_and_styles(), self.xaxis)
-        self.curve_pipe.send(self.last_curve_data)
+        # straight into the rendered plots' Bokeh sources (new points streamed), else
+        # through HoloViews (no rendered plots: headless; see app/draw.py)
+        if not draw.send_curves(self.grid, self.curves_pane, self.last_curve_data):
+            self.curve_pipe.send(self.last_curve_data)
         self._curves_dirty = False
         cost = time.perf_counter() - t0
         self.plot_cost = cost
@@ -694,11 +700,25 @@ class Dashboard(pn.viewable.Viewer):
                                     log=False)
         self._pc.start()
 
+    def _wake(self, key: str) -> None:
+        """Worker thread: a job's first snapshot is queued. The theory's is drawn at once (a
+        callback on the server's event loop) instead of at the next periodic tick."""
+        doc = self._doc
+        if key != THEORY or doc is None or self._closed:
+            return
+
+        async def now():
+            self.tick()
+
+        doc.add_next_tick_callback(now)
+
     def tick(self) -> int:
         """Drain the workers' queue into the store and the plots; returns events handled."""
         if self._closed:
             return 0
         with self._lock:
+            if not getattr(self, "_styles_settled", False):  # once the page has loaded
+                self._styles_settled = draw.settle_styles(self)
             events = self.runner.drain()
             run = self.store.current
             if run is None:
@@ -717,12 +737,16 @@ class Dashboard(pn.viewable.Viewer):
                     dists |= len(s.dists) != nd or run.committee
                     kern |= s.kernels_t != kt
             now = time.perf_counter()
-            if self._curves_dirty and (now >= self._next_draw or not self.runner.busy()):
+            # backpressure: no new plot patch while the last one is still being written
+            wait = draw.backlogged(self.curves_pane)
+            if self._curves_dirty and not wait and (now >= self._next_draw
+                                                    or not self.runner.busy()):
                 self._send_curves()
             if dists:
                 self._update_times()
                 self._dists_dirty = self._dists_dirty or self.follow
-            if self._dists_dirty and (now >= self._next_dist_draw or not self.runner.busy()):
+            if self._dists_dirty and not wait and (now >= self._next_dist_draw
+                                                   or not self.runner.busy()):
                 self._send_dists()
             if kern:
                 self.kernel_pipe.send(self._kernel_data())
@@ -841,6 +865,8 @@ class Dashboard(pn.viewable.Viewer):
     def close(self):
         """Stop the workers and drop references (session closed)."""
         self._closed = True
+        self.runner.on_first_snapshot = None
+        self._doc = None
         if self._pc is not None:
             try:
                 self._pc.stop()
@@ -851,6 +877,11 @@ class Dashboard(pn.viewable.Viewer):
         self.sweep_tab.close()
         self.store = Store()
         SESSIONS.discard(self)
+        if self._in_session:
+            # Panel's link registry would keep this whole session alive (app.cleanup.release);
+            # its reference cycles are freed by one collection shortly after
+            cleanup.release(self.sidebar, self.main)
+            cleanup.collect_soon()
 
     # --- for tests and the latency measurement -----------------------------------------------
     def wait(self, timeout: float = 60.0, poll: float = 0.05) -> bool:

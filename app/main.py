@@ -6,12 +6,13 @@ served script breaks later sessions, see STACK_NOTES). The process-wide warm-up 
 starts once, in a background thread (``sgf-dmft serve`` starts it before the first session via
 ``panel serve --setup app/setup.py``).
 """
-import os
-import threading
-from functools import partial
 from pathlib import Path
 
 import panel as pn
+
+from app.cleanup import collect_soon, release, trim  # public names kept here
+
+__all__ = ["extensions", "create", "serve_page", "release", "collect_soon", "trim"]
 
 CSS_FILE = Path(__file__).resolve().parents[1] / "assets" / "dashboard.css"
 
@@ -25,98 +26,13 @@ def extensions():
         hv.extension("bokeh", logo=False)
 
 
-def release(*views) -> int:
-    """Drop what Panel's process-wide link registry keeps of a closed session's widgets.
-
-    ``panel.links.Callback.registry`` is a WeakKeyDictionary keyed by the source widget, but
-    its values (the ``jscallback`` of every editable slider) reference the source's parent
-    widget, so the keys never die: without this every session's whole Dashboard (widgets,
-    plots, HoloViews option trees; about 10 MiB) stayed in memory after the session closed.
-    Returns the number of registry entries dropped.
-    """
-    from panel.links import Callback
-    from panel.viewable import Viewable
-
-    n = 0
-    for v in views:
-        for obj in v.select(Viewable):
-            if Callback.registry.pop(obj, None) is not None:
-                n += 1
-    return n
-
-
-_gc_timer = None
-_gc_lock = threading.Lock()
-
-
-def collect_soon(delay: float = 5.0) -> None:
-    """One full garbage collection ``delay`` s from now (calls within the delay share it).
-
-    A closed session's Dashboard, widgets and plots form reference cycles, which only the
-    cyclic collector frees; its full collections are rare in a server that allocates little
-    between sessions, so without this the memory of closed sessions was returned late or not at
-    all. Runs in a timer thread (a pause of a few 0.1 s holding the GIL, once per burst of
-    closed sessions).
-    """
-    global _gc_timer
-    import gc
-
-    def run():
-        global _gc_timer
-        with _gc_lock:
-            _gc_timer = None
-        gc.collect()
-        trim()
-        log_path = os.environ.get("SGF_DMFT_LATENCY_LOG")
-        if log_path:  # load tests: live sessions' objects after the collection
-            import json
-            import time
-
-            from app.dashboard import Dashboard
-
-            live = sum(isinstance(o, Dashboard) for o in gc.get_objects())
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps({"kind": "live", "t": round(time.time(), 3),
-                                     "dashboards": live}) + "\n")
-
-    with _gc_lock:
-        if _gc_timer is None:
-            _gc_timer = threading.Timer(delay, run)
-            _gc_timer.daemon = True
-            _gc_timer.start()
-
-
-def trim() -> bool:
-    """Return freed heap memory to the system (glibc ``malloc_trim``; False elsewhere)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        return True
-    except (OSError, AttributeError):
-        return False
-
-
-def _on_destroyed(views, session_context) -> None:
-    release(*views)
-    collect_soon()
-
-
 def create(**kw):
-    """One session's page: a :class:`~app.dashboard.Dashboard` in the Fast template.
-
-    In a server session, a session-destroyed hook releases what process-wide registries keep
-    of the page (:func:`release`) and schedules a garbage collection (:func:`collect_soon`)."""
+    """One session's page: a :class:`~app.dashboard.Dashboard` in the Fast template (the
+    Dashboard releases what process-wide registries keep of it when its session is destroyed,
+    see :mod:`app.cleanup`)."""
     from app.dashboard import Dashboard
 
-    dash = Dashboard(**kw)
-    tmpl = dash.template()
-    doc = pn.state.curdoc
-    if doc is not None and doc.session_context is not None:
-        # bound now: when served as a script, this module's globals are gone by then
-        views = (dash.sidebar, dash.main)
-        pn.state.on_session_destroyed(partial(_on_destroyed, views))
-    return tmpl
+    return Dashboard(**kw).template()
 
 
 def serve_page():

@@ -3,7 +3,9 @@ callback fills from the :class:`~app.store.Store`.
 
 The *structure* of every overlay (which series, which glyphs) is fixed when the plots are built
 (at Run, keep/hide/clear, axis or log switch), so that while the engines stream only data
-changes: Bokeh updates its data sources in place, without re-rendering the figures.
+changes: Bokeh updates its data sources in place, without re-rendering the figures. In a served
+page the curves' sources are then updated directly (app/draw.py: new points streamed, ranges
+set), without the Pipe; :meth:`CurveGrid.element_columns` is the data both paths draw.
 
 Style: colour = engine (theory black line with its Monte Carlo band; GD blue, SGF orange,
 SGD fresh green, SGD reshuffle red markers with error bars of one standard error); line dash
@@ -181,12 +183,21 @@ class CurveGrid:
     def frame(self, obs: str, data: dict) -> hv.Overlay:
         """The overlay of ``obs`` for one data dict (see :func:`curve_data`)."""
         els, ov = self._templates[obs]
+        out = [tmpl if cols is None else tmpl.clone(cols)
+               for (_, _, tmpl), (_, _, cols) in zip(els, self.element_columns(obs, data))]
+        return ov.clone(out)
+
+    def element_columns(self, obs: str, data: dict):
+        """(spec, role, columns) of every element of the ``obs`` overlay, in template order:
+        the columns each element is cloned with (None for the placeholder of an empty grid).
+        Roles: 'band' (x, v, v - lower, se), 'line' and 'marks' (x, v, se[, t]), 'thin'
+        (x, v), 'bars' (x, v, se). The direct update path (app/draw.py) reads the same."""
+        els, _ = self._templates[obs]
         data = data or {}
-        out = []
         cache = {}
-        for sp, role, tmpl in els:
+        for sp, role, _tmpl in els:
             if sp is None:
-                out.append(tmpl)
+                yield sp, role, None
                 continue
             if sp.sid not in cache:
                 cache[sp.sid] = self._columns(sp, obs, data.get(sp.sid) or {})
@@ -196,16 +207,15 @@ class CurveGrid:
                 lo = v - s
                 if self.logy:  # a band reaching below 0 is cut on a log axis
                     lo = np.where(lo > 0, lo, v)
-                out.append(tmpl.clone((x, v, v - lo, s)))
+                yield sp, role, (x, v, v - lo, s)
             elif role == "line":
-                out.append(tmpl.clone(cols))
+                yield sp, role, cols
             elif role == "thin":
-                out.append(tmpl.clone((x, v)))
+                yield sp, role, (x, v)
             else:
                 idx = _marker_index(len(x), int((data.get(sp.sid) or {}).get("expected", 0)))
                 sub = tuple(c[idx] for c in cols)
-                out.append(tmpl.clone(sub[:3] if role == "bars" else sub))
-        return ov.clone(out)
+                yield sp, role, (sub[:3] if role == "bars" else sub)
 
     def _columns(self, sp, obs, d):
         x = np.asarray(d.get("x", np.empty(0)), float)

@@ -121,11 +121,11 @@ def _put(q: queue.Queue, ev: Event, cancel: threading.Event) -> bool:
 
 
 def _run_job(run_id: int, job: Job, fn: StreamFn, cancel: threading.Event,
-             q: queue.Queue) -> None:
+             q: queue.Queue, first=None) -> None:
     try:
         _put(q, Event(run_id, job.key, "start"), cancel)
         with parallel_guard() if job.kind == "theory" else contextlib.nullcontext():
-            _run_stream(run_id, job, fn, cancel, q)
+            _run_stream(run_id, job, fn, cancel, q, first)
         _put(q, Event(run_id, job.key, "cancelled" if cancel.is_set() else "done"), cancel)
     except Exception as e:  # noqa: BLE001 - every failure is shown to the user, never raised
         from solver.snapshot import SolverError
@@ -141,7 +141,7 @@ def _run_job(run_id: int, job: Job, fn: StreamFn, cancel: threading.Event,
 
 
 def _run_stream(run_id: int, job: Job, fn: StreamFn, cancel: threading.Event,
-                q: queue.Queue) -> None:
+                q: queue.Queue, first=None) -> None:
     gen = fn(job.exp, cancel)
     try:
         for snap in gen:
@@ -149,6 +149,12 @@ def _run_stream(run_id: int, job: Job, fn: StreamFn, cancel: threading.Event,
                 break
             if cancel.is_set():
                 break
+            if first is not None:  # the job's first snapshot is queued: tell the session
+                try:
+                    first(job.key)
+                except Exception:  # noqa: BLE001 - a hook never stops the engine
+                    log.exception("first-snapshot hook failed")
+                first = None
     finally:
         close = getattr(gen, "close", None)
         if close is not None:
@@ -170,6 +176,9 @@ class Runner:
         self._lock = threading.Lock()
         self.run_id = 0
         self.t_start = 0.0
+        #: ``f(job_key)``, called from the worker thread once a job's first snapshot is queued
+        #: (the dashboard draws it then instead of at its next periodic tick)
+        self.on_first_snapshot = None
 
     def engine(self, kind: str) -> StreamFn:
         if kind not in self.engines:
@@ -196,7 +205,7 @@ class Runner:
                     if cancel.is_set():
                         _put(q, Event(rid, job.key, "cancelled"), cancel)
                     else:
-                        _run_job(rid, job, fn, cancel, q)
+                        _run_job(rid, job, fn, cancel, q, self.on_first_snapshot)
 
                 def drop(job=job):
                     try:
@@ -273,11 +282,18 @@ class DrawPacer:
     loop's time drawing, and widget events find it free the rest of the time. One session
     alone waits ``3 * cost`` at the default ``share = 0.25`` (the per-session rule this
     replaces); ten sessions each wait ``39 * cost``. ``SGF_DMFT_DRAW_SHARE`` sets ``share``.
+
+    Every redraw also costs the *browser* (it re-renders the plots), which the server's cost
+    does not show once redraws are cheap (app/draw.py streams only the new points): at least
+    ``interval * active`` seconds pass between a session's redraws, so the sessions together
+    redraw at most ``1 / interval`` times a second (``SGF_DMFT_DRAW_INTERVAL``, default 0.1 s:
+    one session every 0.15 s period, ten every 1 s each).
     Holds no references to sessions (keys are ids).
     """
 
-    def __init__(self, share: float = 0.25, window: float = 3.0):
+    def __init__(self, share: float = 0.25, window: float = 3.0, interval: float = 0.1):
         self.share = min(1.0, max(0.01, float(share)))
+        self.interval = max(0.0, float(interval))
         self.window = window
         self._last: dict[int, float] = {}
         self._lock = threading.Lock()
@@ -289,7 +305,7 @@ class DrawPacer:
             for k in [k for k, t in self._last.items() if now - t > self.window]:
                 del self._last[k]
             active = len(self._last)
-        return max(period, cost * (active / self.share - 1.0))
+        return max(period, cost * (active / self.share - 1.0), self.interval * active)
 
     def active(self) -> int:
         now = time.perf_counter()
@@ -301,14 +317,18 @@ _PACER: DrawPacer | None = None
 
 
 def draw_pacer() -> DrawPacer:
-    """The process-wide :class:`DrawPacer` (``SGF_DMFT_DRAW_SHARE``, default 0.25)."""
+    """The process-wide :class:`DrawPacer` (``SGF_DMFT_DRAW_SHARE``, default 0.25;
+    ``SGF_DMFT_DRAW_INTERVAL``, default 0.1 s)."""
     global _PACER
     if _PACER is None:
         import os
 
-        try:
-            share = float(os.environ.get("SGF_DMFT_DRAW_SHARE", "") or 0.25)
-        except ValueError:
-            share = 0.25
-        _PACER = DrawPacer(share)
+        def env(name, default):
+            try:
+                return float(os.environ.get(name, "") or default)
+            except ValueError:
+                return default
+
+        _PACER = DrawPacer(env("SGF_DMFT_DRAW_SHARE", 0.25),
+                           interval=env("SGF_DMFT_DRAW_INTERVAL", 0.1))
     return _PACER

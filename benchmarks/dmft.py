@@ -13,7 +13,10 @@ lambda = 0.01, T = 10, dt = 0.05 (K = 200 steps).
   error about 0.1% at T, docs/theory.md "Subset tangent"), and for comparison at N = 70000
   with the tangent on every trajectory (the same error the old way). Kernels compiled and
   cached beforehand. Peak memory: ``ru_maxrss`` of this process after the engine run (the
-  process's maximum so far: the shipped rows run first). The reported standard error is
+  process's maximum so far: the shipped rows run first). One more engine run with timers
+  around the compiled phases (``phases``: the parallel population step, the per-population
+  kernels, the reductions; 'other' = Python, observables, histograms) shows where the time
+  goes. The reported standard error is
   checked against the seed-to-seed spread of ``--spread-seeds`` solves of the shipped
   configuration (the engine's and further sweeps with other seeds; the spread of S solves is
   itself uncertain by about 1/sqrt(2 (S-1))).
@@ -96,7 +99,10 @@ def engine(exp, full=False):
     t_first = None
     vals = {k: [] for k in CURVES + EXTRA}
     ses = {k: [] for k in CURVES + EXTRA}
-    for snap in glm.stream(exp, **({"tangent_divisor": 1} if full else {})):
+    kw = {"tangent_divisor": 1} if full else {}
+    if REPLICA_DIVISOR is not None:
+        kw["divisor"] = REPLICA_DIVISOR
+    for snap in glm.stream(exp, **kw):
         if t_first is None:
             t_first = time.perf_counter() - t0
         for k in CURVES + EXTRA:
@@ -176,8 +182,45 @@ def wait_quiet():
             return
 
 
+#: --replica-divisor (None: the engine's default)
+REPLICA_DIVISOR = None
+
 #: CPU seconds (this process, all threads) of the best run of the last call to best()
 LAST_CPU = math.nan
+
+#: the engine's phases timed by phases(): compiled calls made by glm.Populations.step
+PHASES = ("_population_step", "_deterministic", "_reduce")
+
+
+def phases(fn):
+    """Run ``fn`` once with wall-clock timers around the engine's compiled phases
+    (:data:`PHASES`; the parallel population step, the per-group kernels, the reductions);
+    returns {phase: seconds} with 'other' = the rest (Python, observables, histograms, ...)
+    and 'total'."""
+    spent = dict.fromkeys(PHASES, 0.0)
+    orig = {name: getattr(glm, name) for name in PHASES}
+
+    def timed(name, f):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **kw)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return wrapper
+
+    for name, f in orig.items():
+        setattr(glm, name, timed(name, f))
+    try:
+        t0 = time.perf_counter()
+        fn()
+        total = time.perf_counter() - t0
+    finally:
+        for name, f in orig.items():
+            setattr(glm, name, f)
+    spent["other"] = total - sum(spent.values())
+    spent["total"] = total
+    return spent
 
 
 def best(fn, reps=REPEATS):
@@ -210,13 +253,17 @@ def main(argv=None):
     ap.add_argument("--picard-samples", type=int, default=None,
                     help="N of the sweep-vs-Picard comparison (default 8000)")
     ap.add_argument("--no-picard", action="store_true", help="skip the Picard baseline")
+    ap.add_argument("--replica-divisor", type=int, default=None,
+                    help="replicas hold samples // D trajectories in all (default: the engine's "
+                         "glm.REPLICA_DIVISOR = 4); e.g. 8 to measure cheaper replicas")
     ap.add_argument("--alphas", default="1.0,0.5", help="Picard damping values")
     ap.add_argument("--quiet-load", type=float, default=None,
                     help="before each timed run, wait until fewer than this many cores are busy "
                          "(shared machines), e.g. 0.3")
     args = ap.parse_args(argv)
-    global QUIET_LOAD
+    global QUIET_LOAD, REPLICA_DIVISOR
     QUIET_LOAD = args.quiet_load
+    REPLICA_DIVISOR = args.replica_divisor
     Ns = [int(x) for x in (args.samples or ("16384" if args.quick else "120000")).split(",")]
     Nf = [int(x) for x in (args.full_samples or ("4096" if args.quick else "70000")).split(",")
           if int(x) > 0]
@@ -238,7 +285,7 @@ def main(argv=None):
         mem = peak_mb()
         t_sweep, _ = best(lambda: sweep(ex, full))
         c_sweep = LAST_CPU
-        sizes = glm.replica_plan(N)
+        sizes = glm.replica_plan(N, divisor=REPLICA_DIVISOR or glm.REPLICA_DIVISOR)
         tsizes = list(sizes) if full else glm.tangent_plan(sizes)
         rel = se["test_loss"][-1] / vals["test_loss"][-1]
         print(f"N={N} N_t={tsizes[0]}: engine (+{len(sizes) - 1} replicas of {sizes[-1]}) "
@@ -246,7 +293,11 @@ def main(argv=None):
               f"{mem:.0f} MB; sweep alone {t_sweep:.2f} s ({c_sweep:.1f} CPU s); test loss at T "
               f"{vals['test_loss'][-1]:.5f} +- {se['test_loss'][-1]:.5f} ({100 * rel:.3f}%); "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
+        ph = phases(lambda: engine(ex, full))
+        print("  engine phases (wall s, one more run): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in ph.items()), flush=True)
         heads.append(dict(N=N, sizes=sizes, tsizes=tsizes, full=full, t_engine=t_engine,
+                          phases=ph,
                           t_sweep=t_sweep, c_engine=c_engine, c_sweep=c_sweep, t_first=t_first, mem=mem, vals=vals, se=se,
                           spread=None))
     # --- the reported se against the seed spread (shipped configuration, last N) ------------
@@ -305,6 +356,12 @@ def render(exp, heads, Np, rows, threads):
                      f"{100 * e['test_loss'][-1] / tl:.3f} | {spread} |")
     h = ([x for x in heads if not x["full"]] or heads)[-1]
     v, e = h["vals"], h["se"]
+    ph = h.get("phases")
+    if ph:
+        lines += ["", f"Engine phases at N = {h['N']} (wall s, one more run): parallel population "
+                  f"step {ph['_population_step']:.2f}, per-population kernels "
+                  f"{ph['_deterministic']:.2f}, reductions {ph['_reduce']:.2f}, the rest "
+                  f"(Python, observables, histograms) {ph['other']:.2f}; total {ph['total']:.2f}."]
     lines += ["", f"At T (N = {h['N']}, shipped): test error {v['test_error'][-1]:.4f}, m "
               f"{v['m'][-1]:.4f} +- {e['m'][-1]:.4f}, Q {v['Q'][-1]:.3f} +- {e['Q'][-1]:.3f}, "
               f"train loss {v['train_loss'][-1]:.4f} +- {e['train_loss'][-1]:.4f}. Peak RSS is "

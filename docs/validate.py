@@ -133,9 +133,15 @@ def online_vs_mc(T, dt, N, record_every, delta=50.0):
     exp = Experiment(**MODELS["logistic"], tau=0.5, delta=delta, lam=0.05, T=T, dt=dt, samples=N,
                      record_every=record_every, seed=5)
     names = obs_names(exp)
+    from solver.dmft import glm
+
     on = dmft.solve(exp.copy(method="online"))
-    mc = dmft.solve(exp.copy(method="mc"))
-    mc2 = dmft.solve(exp.copy(method="mc", delta=delta / 2, seed=6))
+    # 32 replicas instead of the default 8: the check is a maximum of |z| over ~25 correlated
+    # points, and with an 8-replica se (Student t, 7 degrees of freedom: P(|t| > 3) = 2 %) it
+    # failed by chance for 2 of 12 seeds measured (max |z| 3.2 and 4.8, no bias: the others
+    # 1.0-2.5); the replicas are cheap at T = 1
+    mc = glm.solve(exp.copy(method="mc"), replicas=32)
+    mc2 = glm.solve(exp.copy(method="mc", delta=delta / 2, seed=6), replicas=32)
     extrap = _Combo([(2.0, mc), (-1.0, mc2)], names)
     return dict(exp=exp, theory=on, other=mc, other2=mc2, extrap=extrap,
                 z_direct=zscores(mc, on, names), z=zscores(extrap, on, names))

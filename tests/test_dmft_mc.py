@@ -392,7 +392,10 @@ def test_cross_moment_estimators_agree():
         va, sa = getattr(a, k), a.se[k]
         vb, sb = getattr(b, k), b.se[k]
         assert np.all(np.abs(va - vb) <= 3 * np.sqrt(sa ** 2 + sb ** 2) + 1e-12), k
-    assert np.all(a.se["Q"][1:] < b.se["Q"][1:])  # and the IBP sample is the quieter one
+    # No claim that IBP is the quieter one for Q here: at this configuration (tau = 1, T = 3,
+    # N = 4000) the seed spread of Q(T) over 16 seeds is 0.0092 (IBP) vs 0.0056 (plain) with
+    # the numpy random streams and 0.0085 vs 0.0057 with the counter-based ones; an earlier
+    # `se_ibp < se_plain` check passed for 2 of 6 seeds of the old streams (session 3 notes).
 
 
 def test_subset_tangent_gives_the_same_curves():
@@ -439,9 +442,11 @@ def test_degenerate_start_and_gd_pivots():
 
 
 def test_float32_histories_are_harmless():
-    """Histories stored as float32 (glm.HIST_DTYPE; sums in float64) against float64 storage,
-    same seed and random numbers, in the benchmark configuration: every curve (train/test loss,
-    m, Q at every recorded time) moves by less than 1% of its Monte Carlo standard error."""
+    """Histories stored as float32 (glm.HIST_DTYPE; sums in float64), which also selects the
+    float32 tangent rows (R, chi and the adjoint accumulators in float32; G, M sums in float64),
+    against float64 storage and tangent, same seed and random numbers, in the benchmark
+    configuration: every curve (train/test loss, m, Q at every recorded time) moves by less than
+    1% of its Monte Carlo standard error."""
     exp = Experiment(loss="logistic", teacher="sign", tau=0.5, delta=2.0, lam=0.01, T=10.0,
                      dt=0.05, samples=4000, method="mc", record_every=10, seed=4)
     a = glm.solve(exp, hist_dtype=np.float32)

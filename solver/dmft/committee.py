@@ -31,6 +31,14 @@ matrix: ``R[s, i]``, ``G[s, m]``, ``C[s, l]``, ``MM[j, j'] = E[dA_j dA_j'^T]`` a
    variance, but not a Gram matrix, so the covariance of ``(h*, omega)`` can lose positive
    definiteness; populations of 500-1000 then drifted away (docs/committee.md).
 
+Variance reduction (engine defaults :data:`KAPPA_ESTIMATOR`, :data:`SAMPLING`;
+docs/committee.md, "Variance reduction"): optionally ``kappa_s`` as the mean of the pathwise
+derivative ``dl'_s/dh*`` (omega held fixed; forward tangent ``J_s = dh_s/dh* = -sum_{j<s} R[s, j+1] w_j D_j``,
+``D_j = l''_j J_j - (v sigma'(h_j)/k) sigma'(h*)^T/k*``) instead of the score form, and the
+normals from scrambled Sobol sets: the ones every step reuses (h*, omega_0, label noise) and,
+per step, the new ones (omega_s, dW_s), each set randomly permuted over the trajectories.
+Every trajectory's draws stay exactly i.i.d. N(0, I), so every average keeps its expectation.
+
 Standard errors: ``replicas`` independent populations of ``n_rep`` trajectories next to the
 main one; se = their sample standard deviation times ``sqrt(n_rep / N)`` (as the GLM solver).
 
@@ -62,11 +70,47 @@ MIN_REPLICA = 1000
 #: kappa variants: 'full' (THEORY section 4), 'no_past' (drop the terms m < s of the memory
 #: sum: a deliberate error for the checks), 'none' (drop the whole sum).
 KAPPA_MODES = ("full", "no_past", "none")
+#: Estimators of kappa_s = E[dl'_s/dh*] (omega held fixed): 'stein' (THEORY section 4:
+#: (E[l'_s h*^T] - sum_m G[s, m] m[m]) rho^{-1}, the score-function form; its E[l' h*^T]
+#: carried most of the Monte Carlo error of eg) or 'pathwise' (the mean of
+#: D_s = dl'_s/dh* by a forward tangent J_s = dh_s/dh*, O(N K^2 k^2 k*); docs/committee.md).
+KAPPA_ESTIMATORS = ("stein", "pathwise")
+#: Sampling of the draws that every step reuses (h*, omega_0, label noise): 'mc' (i.i.d.
+#: normals) or 'qmc' (randomised quasi-Monte Carlo: a scrambled Sobol sequence in k* + k + 1
+#: dimensions through the normal quantile; each point is exactly N(0, I), so every estimate
+#: keeps its expectation, and the replicas use independent scramblings; docs/committee.md).
+#: 'qmc_steps': besides, the draws of every step (omega_s, dW_s: k + 1 normals per trajectory)
+#: from a freshly scrambled Sobol set, randomly permuted over the trajectories (Latin
+#: supercube sampling: each trajectory's draws stay i.i.d. N(0, I) over steps).
+INIT_SAMPLINGS = ("mc", "qmc", "qmc_steps")
+#: The engine's defaults (:func:`stream`; :class:`Population` defaults to the plain 'stein',
+#: 'mc'). Measured (k = k* = 2, erf, tau = 0.5, delta = 2, T = 10, N = 2000, 16-20 independent
+#: solves each): sd(eg) sqrt(N) / eg = 1.32 plain, 0.63 with 'qmc_steps', 0.71 with
+#: 'qmc_steps' and 'pathwise'; for m 0.33 / 0.16 / 0.05, for Q 0.63 / 0.34 / 0.14. 'pathwise'
+#: is not the default: it does not help eg (the target), costs N K k k* doubles, and exposes
+#: G's sampling noise, which the stein form largely cancels (its -sum G m against b's -sum G b).
+KAPPA_ESTIMATOR = "stein"
+#: 'auto': 'qmc_steps' from QMC_MIN_SAMPLES trajectories on, plain 'mc' below. Small QMC
+#: populations carried a larger O(1/N) bias (not in the replica se): relu, k = k* = 2, tau = 0,
+#: cosine at t = 0.8, mean of 8 solves at N = 2000: 0.7142 +- 0.0009 ('qmc_steps') and
+#: 0.7111 +- 0.0014 ('mc'); 4 solves at N = 16000: 0.7108 +- 0.0007 and 0.7098 +- 0.0007.
+SAMPLING = "auto"
+QMC_MIN_SAMPLES = 8000
+
+
+def sampling_for(N: int, init_sampling: str = SAMPLING) -> str:
+    """The sampling a population of ``N`` uses ('auto' resolved, see :data:`SAMPLING`)."""
+    if init_sampling != "auto":
+        return init_sampling
+    return "qmc_steps" if N >= QMC_MIN_SAMPLES else "mc"
 #: Estimators of MM[s, j] = E[dA_s dA_j^T]: 'raw' (the sample mean of dA_s dA_j^T, a Gram
 #: matrix, so the covariance of (h*, omega_0..omega_s) stays positive semi-definite) or
 #: 'dw_average' (dW_s averaged analytically: lower variance, same expectation, but not a Gram
 #: matrix; small populations then hit negative pivots and drift away, docs/committee.md).
-MM_ESTIMATORS = ("raw", "dw_average")
+MM_ESTIMATORS = ("raw", "dw_average", "blend")
+#: 'blend': raw - MM_BETA x (raw - dw_average), a zero-mean control variate with a share
+#: MM_BETA (docs/committee.md).
+MM_BETA = 0.5
 #: Let LLVM fuse multiply-adds (and nothing else) in the tangent loops.
 FMA = {"contract"}
 #: ... and, in the per-trajectory sums over the past (fields, E[l' dA^T]), reassociation too:
@@ -105,6 +149,28 @@ def tangent_fraction_for(n, divisor=TANGENT_DIVISOR, min_size=TANGENT_MIN):
     """Fraction of the trajectories that carry the tangent, for a main population of ``n``."""
     n = max(int(n), 1)
     return min(n, max(n // divisor, min_size)) / n
+
+
+def _initial_normals(rng, n, d, k, how):
+    """``n x d`` standard normals (h*: ``d - 1 - k`` columns, omega_0: ``k``, label noise: 1):
+    i.i.d. (``'mc'``) or the first ``n`` points of a scrambled
+    Sobol sequence (``'qmc'``; seeded from ``rng``) through the normal quantile."""
+    if how == "mc":  # the order of the original draws: h*, label noise, then omega_0
+        z = np.empty((n, d))
+        z[:, :d - 1 - k] = rng.standard_normal((n, d - 1 - k))
+        z[:, d - 1] = rng.standard_normal(n)
+        z[:, d - 1 - k:d - 1] = rng.standard_normal((n, k))
+        return z
+    import warnings
+
+    from scipy.special import ndtri
+    from scipy.stats import qmc
+
+    sob = qmc.Sobol(d, scramble=True, seed=rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # n need not be a power of 2
+        u = sob.random(n)
+    return ndtri(np.clip(u, 1e-300, 1.0 - 2.0 ** -53))
 
 
 class Cancelled(Exception):
@@ -350,7 +416,7 @@ def _tangent_block(s, k, c, R, ub, V, acc):
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=FIELD_FM)
 def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, R, z, hstar, y,
-                     dW, dA, u, h, pG, pM, pE, pS, raw, nbt):
+                     dW, dA, u, h, pG, pM, pE, pS, raw, beta, nbt, kdir, Dw, pK):
     """Step 4 for the trajectories of blocks ``blk0 .. blk1-1``; per-block partial sums:
     ``pG[ib, m] = sum l''_s chi[s, m]``, ``pM[ib, j] = sum l'_s dA_j^T`` (j < s),
     ``pM[ib, s] = sum l'_s l'_s^T``, ``pE[ib] = sum l'_s h*^T``, ``pS[ib] = (sum loss,
@@ -358,12 +424,17 @@ def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, 
     Histories in lane layout, trajectory ``ib * BLOCK + lane`` on the last (contiguous) axis:
     ``z[ib, q, lane]``, ``dA[ib, j, a, lane]``, ``u[ib, j, a, e, lane]`` (``l''_j w_j``), so that
     the sums over the past and the tangent run over ``BLOCK`` lanes at a time.
-    ``inv_eps[a]``: inverse kernel width for relu's delta mass (unused otherwise)."""
+    ``inv_eps[a]``: inverse kernel width for relu's delta mass (unused otherwise).
+    Pathwise kappa (``kdir``): ``J_s = dh_s/dh* = -sum_{j<s} R[s, j+1] Dw_j``,
+    ``D_s = dl'_s/dh* = l''_s J_s - (v sigma'(h_s)/k) (sigma'(h*)/k*)^T`` (omega held fixed),
+    ``Dw[ib, s, a, c, lane] = D_s w_s``, ``pK[ib] = sum D_s``."""
     n = y.shape[0]
     k = R.shape[2]
     w0 = dt / delta
     sq = math.sqrt(tau / delta)
     r0 = ks + s * k
+    blend = (not raw) and beta < 1.0
+    ew2 = w0 * w0 + tau * dt / delta
     for ib in prange(blk0, blk1):
         i0 = ib * BLOCK
         i1 = min(n, i0 + BLOCK)
@@ -378,6 +449,10 @@ def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, 
                 pE[ib, a, e] = 0.0
         pS[ib, 0] = 0.0
         pS[ib, 1] = 0.0
+        if kdir:
+            for a in range(k):
+                for e in range(ks):
+                    pK[ib, a, e] = 0.0
         tang = ib < nbt
         ub = u[ib if tang else 0]
         zb = z[ib]
@@ -401,9 +476,25 @@ def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, 
                     dj = dAb[j, e]
                     for l in range(c):
                         Ha[l] -= rr * dj[l]
+        # pathwise kappa: J_s = dh_s/dh* = -sum_{j<s} R[s, j+1] Dw_j   (k x k*, lanes)
+        Jm = np.zeros((k, ks, BLOCK))
+        Db = Dw[ib if kdir else 0]
+        if kdir:
+            for a in range(k):
+                for cc in range(ks):
+                    Ja = Jm[a, cc]
+                    for j in range(s):
+                        for e in range(k):
+                            rr = R[s, j + 1, a, e]
+                            dj = Db[j, e, cc]
+                            for l in range(c):
+                                Ja[l] -= rr * dj[l]
+        Dl = np.zeros((k, ks))
         s1 = np.empty(k)
         s2 = np.empty(k)
         F = np.zeros((k, BLOCK))  # fs * l'_s of the good lanes (0 for the others)
+        Lp = np.zeros((k, BLOCK))  # blend: l'_s of the good lanes
+        dg = np.zeros(BLOCK)  # blend: diagonal weight
         for l in range(c):
             i = i0 + l
             # loss and its derivatives
@@ -417,6 +508,11 @@ def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, 
             res = yhat - y[i]
             lo = 0.5 * res * res
             w = w0 + sq * dW[i]
+            if blend:
+                # dW_s partly averaged out: weight w0 + (1 - beta) sq dW_s against the past,
+                # (1 - beta) w^2 + beta E[w^2] on the diagonal
+                wb = w0 + (1.0 - beta) * sq * dW[i]
+                dg[l] = (1.0 - beta) * w * w + beta * ew2
             bad = not math.isfinite(lo)
             for a in range(k):
                 lpa = res * vvec[a] * s1[a] / k
@@ -429,15 +525,37 @@ def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, 
                         ub[s, a, e, l] = x * w
                 h[i, a] = H[a, l]
                 dAb[s, a, l] = lpa * w
-                F[a, l] = lpa * (w if raw else 1.0)
+                if raw:
+                    F[a, l] = lpa * w
+                elif blend:
+                    F[a, l] = lpa * wb
+                    Lp[a, l] = lpa
+                else:
+                    F[a, l] = lpa
                 bad = bad or not math.isfinite(lpa)
+            if kdir:
+                # D_s = l''_s J_s - (v_a sigma'(h_a)/k) sigma'(h*_c)/k*
+                for a in range(k):
+                    g = vvec[a] * s1[a] / (k * ks)
+                    for cc in range(ks):
+                        x = -g * sigma_d1(code, hstar[i, cc])
+                        for e in range(k):
+                            x += app[a, e, l] * Jm[e, cc, l]
+                        Dl[a, cc] = x
+                        Db[s, a, cc, l] = x * w
+                        bad = bad or not math.isfinite(x)
             if bad:
                 pS[ib, 1] += 1.0
                 for a in range(k):
                     F[a, l] = 0.0
+                    Lp[a, l] = 0.0
                 continue
             good[l] = True
             pS[ib, 0] += lo
+            if kdir:
+                for a in range(k):
+                    for cc in range(ks):
+                        pK[ib, a, cc] += Dl[a, cc]
             for a in range(k):
                 lpa = res * vvec[a] * s1[a] / k
                 for e in range(ks):
@@ -453,6 +571,11 @@ def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, 
                         for l in range(c):
                             if good[l]:
                                 x += Fa[l] * dj[l]
+                    elif blend:
+                        La = Lp[a]
+                        Le = Lp[e]
+                        for l in range(c):
+                            x += La[l] * Le[l] * dg[l]
                     else:
                         Fe = F[e]
                         for l in range(c):
@@ -497,13 +620,24 @@ class Population:
     """One DMFT solve with ``n`` trajectories (all kernels and per-trajectory histories)."""
 
     def __init__(self, exp, n, seed_seq, kappa_mode="full", mm_estimator="raw",
-                 relu_width=None, tangent_fraction=1.0):
+                 relu_width=None, tangent_fraction=1.0, kappa_estimator="stein",
+                 init_sampling="mc", mm_beta=None):
         if kappa_mode not in KAPPA_MODES:
             raise ValueError(f"kappa_mode must be one of {KAPPA_MODES}")
         if mm_estimator not in MM_ESTIMATORS:
             raise ValueError(f"mm_estimator must be one of {MM_ESTIMATORS}")
+        init_sampling = sampling_for(n, init_sampling)
+        if init_sampling not in INIT_SAMPLINGS:
+            raise ValueError(f"init_sampling must be one of {INIT_SAMPLINGS}")
+        if kappa_estimator not in KAPPA_ESTIMATORS:
+            raise ValueError(f"kappa_estimator must be one of {KAPPA_ESTIMATORS}")
         self.kappa_mode = kappa_mode
+        self.kappa_estimator = kappa_estimator
         self.mm_estimator = mm_estimator
+        self.mm_beta = {"raw": 0.0, "dw_average": 1.0}.get(
+            mm_estimator, float(MM_BETA if mm_beta is None else mm_beta))
+        if not 0.0 <= self.mm_beta <= 1.0:
+            raise ValueError("mm_beta must lie in [0, 1]")
         self.n = n = int(n)
         self.k = k = int(exp.k)
         self.ks = ks = int(exp.kstar)
@@ -541,10 +675,15 @@ class Population:
         #: per-trajectory histories in lane layout: ``z[ib, q, lane]``, ``dA[ib, j, a, lane]``
         #: (trajectory ``ib * BLOCK + lane``; :meth:`z_of`, :meth:`dA_of` give one trajectory's)
         self.z = np.zeros((nb, D, BLOCK))
-        z0 = self.rng.standard_normal((n, ks))
+        #: the draws that stay fixed for the whole sweep: h*, omega_0 and the label noise
+        #: (k* + k + 1 standard normals per trajectory); 'qmc': a scrambled Sobol sequence
+        self.init_sampling = init_sampling
+        self._init = _initial_normals(self.rng, n, ks + k + 1, k,
+                                      "mc" if init_sampling == "mc" else "qmc")
+        z0 = np.ascontiguousarray(self._init[:, :ks])
         self._put_z(0, z0)
         self.hstar = np.ascontiguousarray(z0 @ self.L[:ks, :ks].T)
-        eps = self.rng.standard_normal(n)
+        eps = np.ascontiguousarray(self._init[:, ks + k])
         self.y = np.empty(n)
         _teacher_labels(self.code, self.hstar, eps, float(exp.noise), self.y)
         self.dA = np.zeros((nb, Kp, k, BLOCK))
@@ -559,6 +698,12 @@ class Population:
         self.pM = np.zeros((nb, Kp, k, k))
         self.pE = np.zeros((nb, k, ks))
         self.pS = np.zeros((nb, 2))
+        #: pathwise kappa: Dw[ib, j, a, c, lane] = w_j dl'_j/dh*, pK[ib] = per-block sums
+        kd = kappa_estimator == "pathwise"
+        self.Dw = np.zeros((nb, Kp, k, ks, BLOCK) if kd else (1, 1, k, ks, BLOCK))
+        self.pK = np.zeros((nb, k, ks))
+        #: E[dl'_s/dh*] (pathwise only; NaN otherwise)
+        self.Ek = np.full((Kp, k, ks), np.nan)
         self.s = -1
 
     def step(self, s, cancel=None):
@@ -571,9 +716,17 @@ class Population:
                    self.C, self._P)
         self.zero_pivots += _chol_rows(s, ks, self.m, self.C, self.L, self._srow)
         r0 = ks + s * k
-        self._put_z(r0, self.rng.standard_normal((n, k)))
-        if self.tau > 0:
-            self.dW[:] = math.sqrt(self.dt) * self.rng.standard_normal(n)
+        if self.init_sampling == "qmc_steps":
+            d = k + (1 if self.tau > 0 else 0)
+            zs = _initial_normals(self.rng, n, d, 0, "qmc")[self.rng.permutation(n)]
+            self._put_z(r0, self._init[:, ks:ks + k] if s == 0 else zs[:, :k])
+            if self.tau > 0:
+                self.dW[:] = math.sqrt(self.dt) * zs[:, k]
+        else:
+            self._put_z(r0, self._init[:, ks:ks + k] if s == 0
+                        else self.rng.standard_normal((n, k)))
+            if self.tau > 0:
+                self.dW[:] = math.sqrt(self.dt) * self.rng.standard_normal(n)
         inv_eps = np.zeros(k)
         if self.code == RELU:
             for a in range(k):
@@ -591,10 +744,11 @@ class Population:
                                  self.delta, self.tau, inv_eps, self.L, self.R, self.z,
                                  self.hstar, self.y, self.dW, self.dA, self.u, self.h, self.pG,
                                  self.pM, self.pE, self.pS, self.mm_estimator == "raw",
-                                 self.nbt)
+                                 self.mm_beta, self.nbt, self.kappa_estimator == "pathwise",
+                                 self.Dw, self.pK)
         Grow = self.pG[: self.nbt, : s + 1].sum(axis=0) / self.n_tangent
         Mrow = self.pM[:, : s + 1].sum(axis=0) / n
-        if self.mm_estimator != "raw":
+        if self.mm_estimator != "raw" and self.mm_beta >= 1.0:  # dw_average
             Mrow[:s] *= self.dt / self.delta
             Mrow[s] *= (self.dt / self.delta) ** 2 + self.tau * self.dt / self.delta
         tot = self.pS.sum(axis=0)
@@ -603,6 +757,12 @@ class Population:
         self.MM[s, : s + 1] = Mrow
         self.MM[: s + 1, s] = np.swapaxes(Mrow, 1, 2)
         self.Elh[s] = self.pE.sum(axis=0) / n
+        if self.kappa_estimator == "pathwise":
+            self.Ek[s] = self.pK.sum(axis=0) / n
+            if self.kappa_mode == "full":
+                self.kappa[s] = self.Ek[s]
+                self.s = s
+                return
         if self.kappa_mode == "full":
             mem = np.einsum("mab,mbc->ac", Grow, self.m[: s + 1])
         elif self.kappa_mode == "no_past":
@@ -690,7 +850,8 @@ def _observables(exp, pops, s):
 def stream(exp, cancel=None, replicas: int = REPLICAS, divisor: int = REPLICA_DIVISOR,
            min_replica: int = MIN_REPLICA, kappa_mode: str = "full", mm_estimator: str = "raw",
            kernels: bool = True, relu_width: float | None = None,
-           tangent_fraction: float | None = None):
+           tangent_fraction: float | None = None, kappa_estimator: str = KAPPA_ESTIMATOR,
+           init_sampling: str = SAMPLING, mm_beta: float | None = None):
     """Monte Carlo DMFT of the committee (engine 'dmft-mc'): one Snapshot per recording step
     (every ``exp.record_every`` grid steps, and the last), yielded as soon as it is solved.
 
@@ -713,7 +874,9 @@ def stream(exp, cancel=None, replicas: int = REPLICAS, divisor: int = REPLICA_DI
     # estimates the main population's Monte Carlo error (the kernel's bias is not in it)
     width = relu_width if relu_width is not None else relu_width_for(sizes[0])
     frac = tangent_fraction if tangent_fraction is not None else tangent_fraction_for(sizes[0])
-    pops = [Population(exp, n, sq, kappa_mode, mm_estimator, width, frac)
+    init_sampling = sampling_for(sizes[0], init_sampling)  # one choice for every population
+    pops = [Population(exp, n, sq, kappa_mode, mm_estimator, width, frac, kappa_estimator,
+                       init_sampling, mm_beta)
             for n, sq in zip(sizes, seqs)]
     alive = np.ones(len(pops), dtype=bool)
     scale = math.sqrt(sizes[-1] / sizes[0]) if len(sizes) > 1 else math.nan

@@ -38,7 +38,11 @@ train loss over all ``N`` (same expectations; docs/theory.md, "Subset tangent").
 
 Per-trajectory histories are stored as :data:`HIST_DTYPE` (float32: half the memory traffic of
 the O(k) passes, which dominate the field part) and every sum over them runs in float64
-(docs/theory.md, "Float32 histories").
+(docs/theory.md, "Float32 histories"); with float32 histories the tangent rows run in float32
+too (a float32 copy ``Rt`` of R; "Float32 tangent"). The Gaussian draws come from a
+counter-based generator inside the parallel step (:func:`_normal_pair`; results independent of
+the number of threads) and are stored as int16 codes (:data:`ZQ`); ``dA`` is not stored but
+formed from ``l'`` and the noise codes (docs/theory.md, "Random numbers").
 
 Several independent populations (*groups*) are advanced together: group 0 is the solve whose
 curves are reported (``N = exp.samples``); groups ``1..r`` are independent replicas used for the
@@ -50,7 +54,9 @@ import math
 import os
 
 import numpy as np
-from numba import njit, parallel_chunksize, prange
+from llvmlite import ir as llvm_ir
+from numba import njit, parallel_chunksize, prange, types
+from numba.extending import intrinsic
 
 from ..models import LOSS_CODES, SIGN, SQUARE, TEACHER_CODES, _sigmoid, loss_d1, teacher_label
 from .gaussian import chol_append
@@ -71,6 +77,146 @@ _NS = 5
 #: tests/test_dmft_mc.py::test_float32_histories_are_harmless). ``np.float64`` restores the old
 #: storage; ``Populations(hist_dtype=...)`` overrides it per solve.
 HIST_DTYPE = np.float32
+#: The Gaussian draws (``z``: the field's innovations; ``xi``: the SGF noise, ``dW = sqrt(dt) xi``)
+#: are stored as int16 codes ``round(ZQ x)`` (|x| <= 32767 / ZQ = 8) and used as the exact values
+#: ``code / ZQ`` (the quantisation changes the variance of a draw by 1/(12 ZQ^2) = 5e-9 relative;
+#: docs/theory.md, "Random numbers"). A quarter of the bytes of the float64 draws: the field
+#: part of the sweep is memory-bound.
+ZQ = 4096.0
+ZS = 1.0 / ZQ
+DRAW_DTYPE = np.int16
+
+
+# --------------------------------------------------------------------------------------------
+# counter-based random numbers: draw (group key, trajectory, step) -> normals, no state
+# --------------------------------------------------------------------------------------------
+@njit(cache=True, nogil=True, inline="always")
+def _mix64(x):
+    """SplitMix64 finaliser (a bijection of uint64 with full avalanche)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _hash_u64(ka, kb, n, s, j):
+    """64 random bits for (trajectory n, step slot s, stream j < 4) under the group key (ka, kb):
+    two keyed SplitMix64 rounds of the counter ``(n 2^24 + s) 4 + j`` (distinct for n < 2^38,
+    s < 2^24)."""
+    c = ((np.uint64(n) << np.uint64(24)) + np.uint64(s)) * np.uint64(4) + np.uint64(j)
+    return _mix64(_mix64(c + ka) ^ kb)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _uniform(ka, kb, n, s, j):
+    """U(0, 1] with 53 random bits."""
+    return (float(_hash_u64(ka, kb, n, s, j) >> np.uint64(11)) + 1.0) * 1.1102230246251565e-16
+
+
+@intrinsic
+def _f2i(typingctx, x):
+    """Bits of a float64 as int64 (a bitcast)."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], llvm_ir.IntType(64))
+    return types.int64(types.float64), codegen
+
+
+@intrinsic
+def _i2f(typingctx, x):
+    """float64 with the bits of an int64 (a bitcast)."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], llvm_ir.DoubleType())
+    return types.float64(types.int64), codegen
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _log_pos(v):
+    """ln v for a normal float64 v > 0, branch-free (vectorisable): v = 2^e f with f in
+    [sqrt(1/2), sqrt(2)), ln f = 2 atanh(s), s = (f-1)/(f+1), |s| < 0.172, series to s^15
+    (relative error < 1e-13)."""
+    bits = _f2i(v)
+    e = (bits >> 52) - 1023
+    f = _i2f((bits & 0x000FFFFFFFFFFFFF) | 0x3FF0000000000000)  # [1, 2)
+    big = f > 1.4142135623730951
+    f = f * (1.0 - 0.5 * big)
+    e = e + big
+    s = (f - 1.0) / (f + 1.0)
+    s2 = s * s
+    p = 1.0 / 15.0
+    p = p * s2 + 1.0 / 13.0
+    p = p * s2 + 1.0 / 11.0
+    p = p * s2 + 1.0 / 9.0
+    p = p * s2 + 1.0 / 7.0
+    p = p * s2 + 1.0 / 5.0
+    p = p * s2 + 1.0 / 3.0
+    p = p * s2 + 1.0
+    return e * 0.6931471805599453 + 2.0 * s * p
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _sincos_turn(x):
+    """(cos, sin)(2 pi u) for u = (top 53 bits of x) / 2^53, branch-free: the top two bits pick
+    the quadrant, the angle within it is pi/4 + a with |a| <= pi/4 (Taylor series to a^15 / a^16,
+    absolute error < 1e-15)."""
+    q = x >> np.uint64(62)
+    t = float((x >> np.uint64(11)) & np.uint64(0x7FFFFFFFFFFFF)) * (1.0 / 2251799813685248.0)
+    a = (t - 0.5) * 1.5707963267948966
+    a2 = a * a
+    sn = a * (1.0 + a2 * (-1.0 / 6 + a2 * (1.0 / 120 + a2 * (-1.0 / 5040 + a2 * (
+        1.0 / 362880 + a2 * (-1.0 / 39916800 + a2 * (1.0 / 6227020800 + a2 * (
+            -1.0 / 1307674368000))))))))
+    cs = 1.0 + a2 * (-0.5 + a2 * (1.0 / 24 + a2 * (-1.0 / 720 + a2 * (1.0 / 40320 + a2 * (
+        -1.0 / 3628800 + a2 * (1.0 / 479001600 + a2 * (-1.0 / 87178291200 + a2 * (
+            1.0 / 20922789888000))))))))
+    c0 = (cs - sn) * 0.7071067811865476  # cos(pi/4 + a)
+    s0 = (cs + sn) * 0.7071067811865476  # sin(pi/4 + a)
+    odd = (q & np.uint64(1)) == np.uint64(1)  # rotate by q pi/2
+    c1 = -s0 if odd else c0
+    s1 = c0 if odd else s0
+    sg = 1.0 - 2.0 * float(q >> np.uint64(1))
+    return sg * c1, sg * s1
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _normal_pair(ka, kb, n, s):
+    """Two independent N(0, 1) for (n, s) by Box-Muller from streams 0 (radius, u in (0, 1])
+    and 1 (angle), with the branch-free :func:`_log_pos` and :func:`_sincos_turn` (within
+    1e-13 of the libm values; far below the ZS quantisation)."""
+    u1 = _uniform(ka, kb, n, s, 0)
+    r = math.sqrt(-2.0 * _log_pos(u1))
+    c, sn = _sincos_turn(_hash_u64(ka, kb, n, s, 1))
+    return r * c, r * sn
+
+
+@njit(cache=True, nogil=True, inline="always", error_model="numpy")
+def _quantise(x):
+    """int16 code of a normal draw: round(ZQ x), clipped to +-32767 (|x| > 8: p = 1e-15)."""
+    q = min(max(math.floor(x * ZQ + 0.5), -32767.0), 32767.0)
+    return np.int16(q)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _draw_codes(ka, kb, n0, s, c, za, zb):
+    """Codes of the normal pairs of trajectories ``n0 .. n0+c-1`` at step slot ``s`` into
+    ``za[:c]``, ``zb[:c]`` (one vectorised loop)."""
+    for i in range(c):
+        a, b = _normal_pair(ka, kb, n0 + i, s)
+        za[i] = _quantise(a)
+        zb[i] = _quantise(b)
+
+
+@njit(cache=True, nogil=True)
+def normal_codes(ka, kb, n0, n1, s, out_a, out_b):
+    """The quantised normal pairs (codes) of trajectories ``n0 .. n1-1`` at step slot ``s``
+    (test and inspection helper: the same numbers as the population step)."""
+    _draw_codes(ka, kb, n0, s, n1 - n0, out_a, out_b)
+
+
+def group_keys(seed, ng):
+    """(ng, 2) uint64 keys of the groups' counter-based streams, from
+    ``SeedSequence(seed).spawn(ng)``: group g's numbers depend only on (seed, g)."""
+    seqs = np.random.SeedSequence(seed).spawn(ng)
+    return np.array([s.generate_state(2, np.uint64) for s in seqs], dtype=np.uint64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,7 +273,9 @@ def _correlate(k, delta, q0, m0, rho, R, b, M, m, C, P):
 
 @njit(cache=True, nogil=True)
 def _deterministic(k, dt, lam, delta, q0, m0, rho, R, b, G, kappa, M, m, C, L, P, srow):
-    """Steps 1-3 for every group (leading axis); returns the pivots of the new Cholesky rows."""
+    """Steps 1-3 for every group (leading axis); returns the pivots of the new Cholesky rows.
+    (Serial: about 1 ms for 17 groups at k = 200; a prange over the groups saved a few tenths of
+    that on a quiet machine and lost several ms per call on a loaded one.)"""
     ng = R.shape[0]
     piv = np.empty(ng)
     for g in range(ng):
@@ -254,8 +402,15 @@ def _head4(kp, R1, R2, R3, u, v, acc):
 def _tangent_rows4(k, R, U, V, A):
     """:func:`_tangent_row` for four trajectories at once (weights ``U[t]``, rows ``V[t]``,
     accumulators ``A[t]``, t < 4): each row of R is loaded once for all four (half the cache
-    traffic of :func:`_tangent_rows2`)."""
-    u0, u1, u2, u3 = U[0], U[1], U[2], U[3]
+    traffic of :func:`_tangent_rows2`). See :func:`_tangent_rows4u`."""
+    _tangent_rows4u(k, R, U[0], U[1], U[2], U[3], V, A)
+
+
+@njit(cache=True, nogil=True, fastmath=FMA)
+def _tangent_rows4u(k, R, u0, u1, u2, u3, V, A):
+    """:func:`_tangent_rows4` with the four weight histories as separate (possibly strided)
+    arrays: the population step passes columns of its ``[time, lane]`` history ``u`` directly
+    (the weights are read O(k) times per row, so no per-trajectory copy is needed)."""
     v0, v1, v2, v3 = V[0], V[1], V[2], V[3]
     a0, a1, a2, a3 = A[0], A[1], A[2], A[3]
     for t in range(4):
@@ -294,10 +449,11 @@ def _tangent_rows4(k, R, U, V, A):
         for t in range(4):
             vt = V[t]
             at = A[t]
+            ut = u0 if t == 0 else (u1 if t == 1 else (u2 if t == 2 else u3))
             vk = vt[kp]
             for mm in range(kp):
                 at[mm] += vk * Rk[mm + 1]
-            vt[kp - 1] = -U[t, kp - 1] * at[kp - 1]
+            vt[kp - 1] = -ut[kp - 1] * at[kp - 1]
         kp -= 1
 
 
@@ -353,6 +509,70 @@ def _lane_sum(out, coef, off, hist, j0, j1, c):
         j += 1
 
 
+@njit(cache=True, nogil=True, fastmath=FMA)
+def _lane_sum_w(out, coef, off, lph, xi, w0, cw, j0, j1, c):
+    """:func:`_lane_sum` of the increments ``dA[j, i] = l'[j, i] (w0 + cw xi[j, i])`` (l' and the
+    noise codes stored, dA formed on the fly: 6 bytes read per value instead of 4 + 4)."""
+    if cw == 0.0:
+        j = j0
+        while j + 4 <= j1:
+            a0 = coef[j + off] * w0
+            a1 = coef[j + 1 + off] * w0
+            a2 = coef[j + 2 + off] * w0
+            a3 = coef[j + 3 + off] * w0
+            h0 = lph[j]
+            h1 = lph[j + 1]
+            h2 = lph[j + 2]
+            h3 = lph[j + 3]
+            for i in range(c):
+                out[i] += (a0 * h0[i] + a1 * h1[i]) + (a2 * h2[i] + a3 * h3[i])
+            j += 4
+        while j < j1:
+            a0 = coef[j + off] * w0
+            h0 = lph[j]
+            for i in range(c):
+                out[i] += a0 * h0[i]
+            j += 1
+        return
+    j = j0
+    while j + 4 <= j1:
+        a0 = coef[j + off]
+        a1 = coef[j + 1 + off]
+        a2 = coef[j + 2 + off]
+        a3 = coef[j + 3 + off]
+        h0 = lph[j]
+        h1 = lph[j + 1]
+        h2 = lph[j + 2]
+        h3 = lph[j + 3]
+        x0 = xi[j]
+        x1 = xi[j + 1]
+        x2 = xi[j + 2]
+        x3 = xi[j + 3]
+        for i in range(c):
+            out[i] += ((a0 * h0[i] * (w0 + cw * x0[i]) + a1 * h1[i] * (w0 + cw * x1[i]))
+                       + (a2 * h2[i] * (w0 + cw * x2[i]) + a3 * h3[i] * (w0 + cw * x3[i])))
+        j += 4
+    while j < j1:
+        a0 = coef[j + off]
+        h0 = lph[j]
+        x0 = xi[j]
+        for i in range(c):
+            out[i] += a0 * h0[i] * (w0 + cw * x0[i])
+        j += 1
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _lane_dots_w(out, scale, x, lph, xi, w0, cw, k, c):
+    """:func:`_lane_dots` against the increments ``dA = l' (w0 + cw xi)`` (plain estimator)."""
+    for j in range(k):
+        h = lph[j]
+        q = xi[j]
+        s = 0.0
+        for i in range(c):
+            s += x[i] * h[i] * (w0 + cw * q[i])
+        out[j] += scale * s
+
+
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _lane_dots(out, scale, x, hist, k, c):
     """``out[j] += scale sum_{i<c} x[i] hist[j, i]`` for j < k, in float64 and reassociated so
@@ -388,9 +608,9 @@ def _loss3(code, h, y):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _population_step(k, blk0, blk1, cnt, blk_group, blk_tidx, lcode, kmode, dt, delta, tau, L,
-                     R, z, hstar, y, dW, dA, u, lph, dB, dC, h, part_s, part_G, part_M, part_M2,
-                     mibp):
+def _population_step(k, blk0, blk1, cnt, blk_group, blk_tidx, blk_n0, keys, lcode, kmode, dt,
+                     delta, tau, L, R, Rt, z, hstar, y, xi, u, lph, dB, dC, h, part_s, part_G,
+                     part_M, part_M2, mibp):
     """Step 4 for blocks ``blk0 .. blk1-1``: fields, increments, tangent row, and per-block
     partial sums: ``part_s`` = (loss, l' h*, a, #non-finite, kappa sample), ``part_G`` =
     a_k chi[k, :], ``part_M`` = (samples of E[l'_k dA_j] for j < k, l'_k^2), ``part_M2`` (see
@@ -415,14 +635,27 @@ def _population_step(k, blk0, blk1, cnt, blk_group, blk_tidx, lcode, kmode, dt, 
     its z_0 term, i.e. from the law conditional on h* = 0) and labels +1 / -1, increments in
     ``dB`` / ``dC``; the sample is l'_k(+) - l'_k(-). 2 (linear teacher): the label tangent
     eta_k = dh_k/dy with increments ``dB_j = w_j (a_j eta_j + dl'_j/dy)``; the sample is
-    a_k eta_k + dl'_k/dy. 0: none."""
+    a_k eta_k + dl'_k/dy. 0: none.
+
+    Random numbers: each block first draws, per trajectory ``n`` (index in its group, from
+    ``blk_n0``), the pair ``(z_{k+1}, xi_k)`` from the counter-based generator under its group's
+    key (:func:`_normal_pair`; results independent of threads and chunking) and stores their
+    int16 codes (:data:`ZQ`); the increments are ``dA_j = l'_j w_j`` with
+    ``w_j = dt/delta + sqrt(tau dt/delta) xi_j``, formed on the fly from ``lph`` and ``xi``."""
     w0 = dt / delta
     sq = math.sqrt(tau / delta)
+    cw = sq * math.sqrt(dt) * ZS  # w = w0 + cw * (xi code)
     cI = tau * dt / delta
     B = z.shape[2]
     for ib in prange(blk0, blk1):
         c = cnt[ib]
         g = blk_group[ib]
+        ka = keys[g, 0]
+        kb = keys[g, 1]
+        n0 = blk_n0[ib]
+        zb = z[ib]
+        xib = xi[ib]
+        _draw_codes(ka, kb, n0, k + 1, c, zb[k + 1], xib[k])
         it = blk_tidx[ib]
         tan = it >= 0
         km = kmode if tan else 0  # the kappa paths run with the tangent only
@@ -438,19 +671,18 @@ def _population_step(k, blk0, blk1, cnt, blk_group, blk_tidx, lcode, kmode, dt, 
         for j in range(k + 1):
             pG[j] = 0.0
             pM[j] = 0.0
-        zb = z[ib]
-        dAb = dA[ib]
         ub = u[it]
         lphb = lph[ib]
         dBb = dB[it]
         # fields: O(k) sums over the block's contiguous past, vectorised over lanes
         om0 = np.zeros(B)  # omega_k without the h* term: its law given h* = 0
-        _lane_sum(om0, Lr, 0, zb, 1, k + 2, c)
+        _lane_sum(om0, Lr, 0, zb, 1, k + 2, c)  # in code units (exact power-of-two scale below)
         mem = np.zeros(B)  # memory term sum_{j<k} R[k, j+1] dA_j
-        _lane_sum(mem, Rk, 1, dAb, 0, k, c)
+        _lane_sum_w(mem, Rk, 1, lphb, xib, w0, cw, 0, k, c)
         hk = np.empty(B)
-        l0 = Lr[0]
+        l0 = Lr[0] * ZS
         for i in range(c):
+            om0[i] *= ZS
             hk[i] = om0[i] + l0 * zb[0, i] - mem[i]
         hp = np.empty(B)
         hm = np.empty(B)
@@ -475,9 +707,8 @@ def _population_step(k, blk0, blk1, cnt, blk_group, blk_tidx, lcode, kmode, dt, 
             hh = hk[i]
             yi = y[ib, i]
             lo, lp, a = _loss3(lcode, hh, yi)
-            w = w0 + sq * dW[ib, i]
+            w = w0 + cw * xib[k, i]
             dak = lp * w
-            dAb[k, i] = dak
             if tan:
                 ub[k, i] = a * w
             lphb[k, i] = lp
@@ -509,29 +740,23 @@ def _population_step(k, blk0, blk1, cnt, blk_group, blk_tidx, lcode, kmode, dt, 
         for i in range(c):
             if not good[i]:
                 lpk[i] = 0.0
-        _lane_dots(pM, w0 if mibp else 1.0, lpk, lphb if mibp else dAb, k, c)
+        if mibp:
+            _lane_dots(pM, w0, lpk, lphb, k, c)
+        else:
+            _lane_dots_w(pM, 1.0, lpk, lphb, xib, w0, cw, k, c)
         if not tan:
             continue
         pM2 = part_M2[ib]
         for j in range(k + 1):
             pM2[j] = 0.0
-        # tangent rows (O(k^2) per trajectory), two lanes at a time, from per-lane contiguous
-        # copies of the histories u and l'
-        UT = np.empty((c, k + 1))
-        LT = np.empty((c if mibp else 1, k + 1))
-        for j in range(k + 1):
-            uj = ub[j]
-            for i in range(c):
-                UT[i, j] = uj[i]
-            if mibp:
-                lj = lphb[j]
-                for i in range(c):
-                    LT[i, j] = lj[i]
-        v = np.empty(k + 1)
-        vv = np.empty(k + 1)
-        acc = np.empty(k + 1)
-        bcc = np.empty(k + 1)
-        # four good lanes at a time, then the rest two at a time
+        # tangent rows (O(k^2) per trajectory), four good lanes at a time (then two, then one),
+        # reading the weights u and the l' history as columns of the block's [time, lane]
+        # histories (O(k) reads per row: no per-lane copies), in the precision of Rt
+        Rtg = Rt[g]
+        v = np.empty(k + 1, Rt.dtype)
+        vv = np.empty(k + 1, Rt.dtype)
+        acc = np.empty(k + 1, Rt.dtype)
+        bcc = np.empty(k + 1, Rt.dtype)
         sel = np.empty(c, dtype=np.int64)
         ng = 0
         for i in range(c):
@@ -540,36 +765,26 @@ def _population_step(k, blk0, blk1, cnt, blk_group, blk_tidx, lcode, kmode, dt, 
                 ng += 1
         n4 = ng - ng % 4
         if n4 > 0:
-            U4 = np.empty((4, k + 1))
-            V4 = np.empty((4, k + 1))
-            A4 = np.empty((4, k + 1))
+            V4 = np.empty((4, k + 1), Rt.dtype)
+            A4 = np.empty((4, k + 1), Rt.dtype)
             for q in range(0, n4, 4):
-                for t in range(4):
-                    U4[t] = UT[sel[q + t]]
-                _tangent_rows4(k, Rg, U4, V4, A4)
-                for t in range(4):
-                    it4 = sel[q + t]
-                    _accumulate(k, ak[it4], LT[it4 if mibp else 0], V4[t], A4[t], pG, pM2, cI,
-                                mibp)
-        i = sel[n4] if n4 < ng else c
-        while i < c:
-            if not good[i]:
-                i += 1
-                continue
-            i2 = i + 1
-            while i2 < c and not good[i2]:
-                i2 += 1
-            ia = i if mibp else 0
-            if i2 < c:
-                ia2 = i2 if mibp else 0
-                _tangent_rows2(k, Rg, UT[i], UT[i2], v, vv, acc, bcc)
-                _accumulate(k, ak[i], LT[ia], v, acc, pG, pM2, cI, mibp)
-                _accumulate(k, ak[i2], LT[ia2], vv, bcc, pG, pM2, cI, mibp)
-                i = i2 + 1
-            else:
-                _tangent_row(k, Rg, UT[i], v, acc)
-                _accumulate(k, ak[i], LT[ia], v, acc, pG, pM2, cI, mibp)
-                i += 1
+                i0, i1, i2, i3 = sel[q], sel[q + 1], sel[q + 2], sel[q + 3]
+                _tangent_rows4u(k, Rtg, ub[:, i0], ub[:, i1], ub[:, i2], ub[:, i3], V4, A4)
+                _accumulate(k, ak[i0], lphb[:, i0], V4[0], A4[0], pG, pM2, cI, mibp)
+                _accumulate(k, ak[i1], lphb[:, i1], V4[1], A4[1], pG, pM2, cI, mibp)
+                _accumulate(k, ak[i2], lphb[:, i2], V4[2], A4[2], pG, pM2, cI, mibp)
+                _accumulate(k, ak[i3], lphb[:, i3], V4[3], A4[3], pG, pM2, cI, mibp)
+        q = n4
+        while q + 1 < ng:
+            i, i2 = sel[q], sel[q + 1]
+            _tangent_rows2(k, Rtg, ub[:, i], ub[:, i2], v, vv, acc, bcc)
+            _accumulate(k, ak[i], lphb[:, i], v, acc, pG, pM2, cI, mibp)
+            _accumulate(k, ak[i2], lphb[:, i2], vv, bcc, pG, pM2, cI, mibp)
+            q += 2
+        if q < ng:
+            i = sel[q]
+            _tangent_row(k, Rtg, ub[:, i], v, acc)
+            _accumulate(k, ak[i], lphb[:, i], v, acc, pG, pM2, cI, mibp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,8 +799,9 @@ class Populations:
 
     Attributes per group ``g`` (leading axis): ``R, C, G, M, L`` (K+1 square), ``b, m, kappa``,
     ``train, Elh`` (per step). Per-trajectory arrays are ``[block, time, lane]``
-    (:meth:`series`, :meth:`fields`). Randomness: one ``numpy.random.Generator`` per group, seeded
-    from ``SeedSequence(seed).spawn``: group 0's numbers do not depend on the number of replicas.
+    (:meth:`series`, :meth:`fields`). Randomness: counter-based, keyed per group by
+    :func:`group_keys` (from ``SeedSequence(seed).spawn``), trajectory and step: group 0's numbers
+    depend neither on the number of replicas nor on the threads or chunking.
 
     ``kappa_estimator``: 'direct' (default; boundary pairs for the sign teacher, label tangent
     for the linear teacher) or 'stein' (``kappa_k = (E[l'_k h*] - sum_m G[k, m] m_m) / rho``, the
@@ -603,8 +819,9 @@ class Populations:
     ``G, kappa, M``.
     """
 
-    #: target work (inner multiply-adds) per parallel call, so that cancel is seen quickly
-    CHUNK_WORK = 6e7
+    #: target work (inner multiply-adds) per parallel call (about 10-20 ms), so that cancel is
+    #: seen quickly while the barriers at the end of each call stay rare
+    CHUNK_WORK = 2e8
 
     def __init__(self, exp, sizes, seed=None, seed_seqs=None, kappa_estimator="direct",
                  m_estimator="ibp", tangent_sizes=None, hist_dtype=None):
@@ -671,6 +888,10 @@ class Populations:
             self.blk_tidx[idx] = np.arange(ntb, ntb + ntg)
             ntb += ntg
             self.tsizes[g] = int(self.cnt[idx].sum())
+        self.tblk = np.concatenate(self.grp_tblk).astype(np.int64)
+        self.tblk_off = np.cumsum([0] + [len(t) for t in self.grp_tblk]).astype(np.int64)
+        self._sums = (np.zeros((ng, _NS)), np.zeros((ng, Kp)), np.zeros((ng, Kp)),
+                      np.zeros((ng, Kp)))
         self.part_s = np.zeros((nb, _NS))
         self.part_G = np.zeros((nb, Kp))
         self.part_M = np.zeros((nb, Kp))
@@ -679,28 +900,27 @@ class Populations:
         B = BLOCK
         hd = np.dtype(HIST_DTYPE if hist_dtype is None else hist_dtype)
         self.hist_dtype = hd
-        self.z = np.zeros((nb, Kp + 1, B), dtype=hd)
-        self.dA = np.zeros((nb, Kp, B), dtype=hd)
+        self.z = np.zeros((nb, Kp + 1, B), dtype=DRAW_DTYPE)  # codes of z_0 .. z_{K+1}
+        self.xi = np.zeros((nb, Kp, B), dtype=DRAW_DTYPE)  # codes of xi_0 .. xi_K
         self.lph = np.zeros((nb, Kp, B), dtype=hd)
+        # R in the tangent's precision: float32 with float32 histories (docs/theory.md,
+        # "Float32 tangent"), else float64
+        self.Rt = np.zeros((ng, Kp, Kp), dtype=np.float32 if hd == np.float32 else np.float64)
         self.u = np.zeros((ntb, Kp, B), dtype=hd)  # tangent blocks only
         self.dB = np.zeros((ntb, Kp, B), dtype=hd)
         self.dC = np.zeros((ntb, Kp, B) if self.kmode == 1 else (1, 1, B), dtype=hd)
         self.h = np.zeros((nb, B))
         self.hstar = np.zeros((nb, B))
         self.y = np.zeros((nb, B))
-        self.dW = np.zeros((nb, B))
+        # random numbers: counter-based, keyed by (group key, trajectory, step); see _hash_u64
         if seed_seqs is None:
-            seed_seqs = np.random.SeedSequence(exp.seed if seed is None else seed).spawn(ng)
-        self.rngs = [np.random.Generator(np.random.PCG64(s)) for s in seed_seqs]
-        for g, rng in enumerate(self.rngs):
-            n = int(self.sizes[g])
-            z0 = rng.standard_normal(n).astype(hd).astype(np.float64)  # h* agrees with stored z_0
-            gauss = rng.standard_normal(n)
-            unif = rng.random(n)
-            hs = math.sqrt(exp.rho) * z0
-            self._put(self.z[:, 0, :], g, z0)
-            self._put(self.hstar, g, hs)
-            self._put(self.y, g, _labels(tcode, hs, gauss, unif, exp.noise, exp.flip))
+            self.keys = group_keys(exp.seed if seed is None else seed, ng)
+        else:
+            self.keys = np.array([s.generate_state(2, np.uint64) for s in seed_seqs],
+                                 dtype=np.uint64)
+        self.blk_n0 = ((np.arange(nb) - self.grp_blk[self.blk_group]) * BLOCK).astype(np.int64)
+        _init_draws(self.keys, self.blk_group, self.blk_n0, self.cnt, tcode, math.sqrt(exp.rho),
+                    float(exp.noise), float(exp.flip), self.z, self.hstar, self.y)
         self.k = -1  # last completed step
 
     # ---------------------------------------------------------------------------------------
@@ -714,12 +934,7 @@ class Populations:
         self.pivots[:, k] = _deterministic(k, self.dt, self.lam, self.delta, self.q0, self.m0,
                                            self.rho, self.R, self.b, Gs, ks, Ms, self.m, self.C,
                                            self.L, self._P, self._srow)
-        sdt = math.sqrt(self.dt)
-        for g, rng in enumerate(self.rngs):
-            n = int(self.sizes[g])
-            self._put(self.z[:, k + 1, :], g, rng.standard_normal(n))
-            if self.tau > 0:
-                self._put(self.dW, g, sdt * rng.standard_normal(n))
+        self.Rt[:, k, : k + 1] = self.R[:, k, : k + 1]  # rows < k are final
         nb = len(self.cnt)
         per_traj = 0.5 * k * k * float(self.tsizes.sum()) / float(self.sizes.sum()) + 6.0 * k + 16.0
         chunk = max(1, int(self.CHUNK_WORK / (per_traj * BLOCK)))
@@ -728,39 +943,41 @@ class Populations:
                 raise Cancelled
             with parallel_chunksize(PAR_CHUNK):  # dynamic scheduling: robust on shared cores
                 _population_step(k, b0, min(b0 + chunk, nb), self.cnt, self.blk_group,
-                                 self.blk_tidx, self.lcode, self.kmode, self.dt, self.delta,
-                                 self.tau, self.L, self.R, self.z, self.hstar, self.y, self.dW,
-                                 self.dA, self.u, self.lph, self.dB, self.dC, self.h,
+                                 self.blk_tidx, self.blk_n0, self.keys, self.lcode, self.kmode,
+                                 self.dt, self.delta, self.tau, self.L, self.R, self.Rt, self.z,
+                                 self.hstar, self.y, self.xi, self.u, self.lph, self.dB, self.dC,
+                                 self.h,
                                  self.part_s, self.part_G, self.part_M, self.part_M2,
                                  self.m_estimator == "ibp")
         # reduce partial sums per group, in block order (deterministic)
-        for g in range(self.ng):
-            sel = slice(self.grp_blk[g], self.grp_blk[g + 1])
-            selt = self.grp_tblk[g]  # the tangent blocks
-            n = float(self.sizes[g])
-            nt = float(self.tsizes[g])
-            s = self.part_s[sel].sum(axis=0)
-            Grow = self.part_G[selt, : k + 1].sum(axis=0) / nt
-            Mrow = self.part_M[sel, : k + 1].sum(axis=0) / n
-            if self.m_estimator == "ibp":
-                Mrow -= self.part_M2[selt, : k + 1].sum(axis=0) / nt
-            # E over dW_k given the past (docs/theory.md, "Variance reduction")
-            Mrow[:k] *= self.dt / self.delta
-            Mrow[k] *= (self.dt / self.delta) ** 2 + self.tau * self.dt / self.delta
-            if s[3] > 0:
-                s[0] = np.nan  # a non-finite field: the group has diverged
-            self.train[g, k] = s[0] / n
-            self.Elh[g, k] = s[1] / n
-            self.G[g, k, : k + 1] = Grow
-            self.M[g, k, : k + 1] = Mrow
-            self.M[g, : k + 1, k] = Mrow
-            self.kappa_stein[g, k] = (s[1] / n - Grow @ self.m[g, : k + 1]) / self.rho
-            if self.kmode == 1:  # density of h* at 0 times the flip factor
-                kd = (1.0 - 2.0 * self.flip) / math.sqrt(2.0 * math.pi * self.rho) * s[4] / nt
-            else:
-                kd = s[4] / nt
-            self.kappa_direct[g, k] = kd
-            self.kappa[g, k] = kd if self.kappa_estimator == "direct" else self.kappa_stein[g, k]
+        k1 = k + 1
+        S, Gs, Ms, M2s = self._sums
+        _reduce(k, self.grp_blk, self.tblk, self.tblk_off, self.part_s, self.part_G,
+                self.part_M, self.part_M2, self.m_estimator == "ibp", S, Gs, Ms, M2s)
+        n = self.sizes.astype(float)
+        nt = self.tsizes.astype(float)
+        Grow = Gs[:, :k1] / nt[:, None]
+        Mrow = Ms[:, :k1] / n[:, None]
+        if self.m_estimator == "ibp":
+            Mrow -= M2s[:, :k1] / nt[:, None]
+        # E over dW_k given the past (docs/theory.md, "Variance reduction")
+        Mrow[:, :k] *= self.dt / self.delta
+        Mrow[:, k] *= (self.dt / self.delta) ** 2 + self.tau * self.dt / self.delta
+        train = S[:, 0] / n
+        train[S[:, 3] > 0] = np.nan  # a non-finite field: the group has diverged
+        self.train[:, k] = train
+        self.Elh[:, k] = S[:, 1] / n
+        self.G[:, k, :k1] = Grow
+        self.M[:, k, :k1] = Mrow
+        self.M[:, :k1, k] = Mrow
+        self.kappa_stein[:, k] = (S[:, 1] / n - np.einsum("gj,gj->g", Grow,
+                                                           self.m[:, :k1])) / self.rho
+        if self.kmode == 1:  # density of h* at 0 times the flip factor
+            kd = (1.0 - 2.0 * self.flip) / math.sqrt(2.0 * math.pi * self.rho) * S[:, 4] / nt
+        else:
+            kd = S[:, 4] / nt
+        self.kappa_direct[:, k] = kd
+        self.kappa[:, k] = kd if self.kappa_estimator == "direct" else self.kappa_stein[:, k]
         self.k = k
 
     # ---------------------------------------------------------------------------------------
@@ -774,15 +991,6 @@ class Populations:
         return bad
 
     # ---------------------------------------------------------------------------------------
-    def _put(self, view, g, values):
-        """Write group g's per-trajectory values into a ``[block, lane]`` view."""
-        b0, b1 = self.grp_blk[g], self.grp_blk[g + 1]
-        full = values.size // BLOCK  # whole blocks directly, the partial last one padded
-        view[b0:b0 + full] = values[: full * BLOCK].reshape(full, BLOCK)
-        if b0 + full < b1:
-            view[b0 + full] = 0.0
-            view[b0 + full, : values.size - full * BLOCK] = values[full * BLOCK:]
-
     def _locate(self, g, n):
         b = self.grp_blk[g] + n // BLOCK
         return b, n % BLOCK
@@ -793,10 +1001,19 @@ class Populations:
         return self.h[b0:b1].reshape(-1)[: self.sizes[g]].copy()
 
     def series(self, name, n, g=0):
-        """History (over time) of per-trajectory array ``name`` ('z', 'dA', 'u', 'lph', 'dB',
-        'dC'; the last three only for tangent trajectories) for trajectory n of group g;
-        scalars ('h', 'hstar', 'y') give a number."""
+        """History (over time) of per-trajectory array ``name`` ('z', 'xi' (the draws, as
+        values), 'dW' = sqrt(dt) xi, 'w' = dt/delta + sqrt(tau/delta) dW, 'dA' = l' w, 'u',
+        'lph', 'dB', 'dC'; the last three only for tangent trajectories) for trajectory n of
+        group g; scalars ('h', 'hstar', 'y') give a number."""
         b, i = self._locate(g, n)
+        if name in ("z", "xi"):
+            return getattr(self, name)[b, :, i].astype(np.float64) * ZS
+        if name == "dW":
+            return math.sqrt(self.dt) * self.series("xi", n, g)
+        if name == "w":
+            return self.dt / self.delta + math.sqrt(self.tau / self.delta) * self.series("dW", n, g)
+        if name == "dA":
+            return self.series("lph", n, g) * self.series("w", n, g)
         arr = getattr(self, name)
         if name in ("u", "dB", "dC"):
             b = int(self.blk_tidx[b])
@@ -819,16 +1036,96 @@ class Populations:
                     b=self.b[g, s].copy())
 
 
-def _labels(tcode, hs, gauss, unif, noise, flip):
-    out = np.empty_like(hs)
-    _labels_kernel(tcode, hs, gauss, unif, noise, flip, out)
-    return out
+@njit(cache=True, nogil=True)
+def _reduce(k, grp_blk, tblk, tblk_off, part_s, part_G, part_M, part_M2, mibp, S, Gs, Ms, M2s):
+    """Per-group sums of the block partials, in block order (deterministic): ``S`` of
+    ``part_s`` and ``Ms`` of ``part_M`` over all the group's blocks, ``Gs`` / ``M2s`` of
+    ``part_G`` / ``part_M2`` over its tangent blocks ``tblk[tblk_off[g]:tblk_off[g+1]]``.
+    (Serial: memory-bound, about 1 ms at k = 200; a parallel version was slower.)"""
+    k1 = k + 1
+    for g in range(grp_blk.shape[0] - 1):
+        sg = S[g]
+        mg = Ms[g]
+        gg = Gs[g]
+        m2 = M2s[g]
+        sg[:] = 0.0
+        mg[:k1] = 0.0
+        gg[:k1] = 0.0
+        m2[:k1] = 0.0
+        for b in range(grp_blk[g], grp_blk[g + 1]):
+            ps = part_s[b]
+            for q in range(sg.shape[0]):
+                sg[q] += ps[q]
+            pm = part_M[b]
+            for j in range(k1):
+                mg[j] += pm[j]
+        for t in range(tblk_off[g], tblk_off[g + 1]):
+            pg = part_G[tblk[t]]
+            for j in range(k1):
+                gg[j] += pg[j]
+            if mibp:
+                pm2 = part_M2[tblk[t]]
+                for j in range(k1):
+                    m2[j] += pm2[j]
 
 
 @njit(cache=True, nogil=True)
-def _labels_kernel(tcode, hs, gauss, unif, noise, flip, out):
-    for i in range(hs.shape[0]):
-        out[i] = teacher_label(tcode, hs[i], gauss[i], unif[i], noise, flip)
+def _field_moments_hist(h, cnt, b0, b1, nbins, nsig):
+    """Mean, standard deviation and the counts of ``nbins`` equal bins over mean +- nsig std
+    (numpy.histogram's binning, values outside dropped) of the fields of blocks b0 .. b1-1."""
+    n = 0
+    s = 0.0
+    for b in range(b0, b1):
+        for i in range(cnt[b]):
+            s += h[b, i]
+            n += 1
+    mean = s / max(n, 1)
+    v = 0.0
+    for b in range(b0, b1):
+        for i in range(cnt[b]):
+            d = h[b, i] - mean
+            v += d * d
+    std = math.sqrt(v / max(n, 1))
+    half = nsig * std if std > 1e-12 * max(1.0, abs(mean)) else 1.0
+    lo = mean - half
+    hi = mean + half
+    edges = np.linspace(lo, hi, nbins + 1)
+    counts = np.zeros(nbins, dtype=np.int64)
+    norm = nbins / (hi - lo)
+    for b in range(b0, b1):
+        for i in range(cnt[b]):
+            x = h[b, i]
+            if x < lo or x > hi or not math.isfinite(x):
+                continue
+            j = int((x - lo) * norm)
+            if j >= nbins:
+                j = nbins - 1
+            if x < edges[j]:
+                j -= 1
+            elif j < nbins - 1 and x >= edges[j + 1]:
+                j += 1
+            counts[j] += 1
+    return n, half, edges, counts
+
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
+def _init_draws(keys, blk_group, blk_n0, cnt, tcode, srho, noise, flip, z, hstar, y):
+    """Step slot 0 of every trajectory: z_0 and the label's Gaussian from one normal pair, the
+    label's uniform from stream 2; ``h* = sqrt(rho) z_0`` with the stored (quantised) z_0.
+    (Parallel over blocks; each value depends only on its counter.)"""
+    for ib in prange(cnt.shape[0]):
+        g = blk_group[ib]
+        ka = keys[g, 0]
+        kb = keys[g, 1]
+        for i in range(cnt[ib]):
+            n = blk_n0[ib] + i
+            za, gauss = _normal_pair(ka, kb, n, 0)
+            unif = _uniform(ka, kb, n, 0, 2)
+            q = _quantise(za)
+            z[ib, 0, i] = q
+            hs = srho * (q * ZS)
+            hstar[ib, i] = hs
+            y[ib, i] = teacher_label(tcode, hs, gauss, unif, noise, flip)
 
 
 # --------------------------------------------------------------------------------------------
@@ -891,15 +1188,18 @@ def tangent_plan(sizes, tangent_min: int = TANGENT_MIN, divisor: int = TANGENT_D
 
 
 def memory_bytes(exp, sizes, tangent_sizes=None) -> int:
-    """Memory the populations hold: per trajectory about 3 (K+1) history values (z, dA, l';
-    :data:`HIST_DTYPE`) and 5 doubles, per tangent trajectory 3 (K+1) more history values (u and
-    the two kappa paths), per population 6 (K+1)^2 doubles (R, C, G, M, L, ...)."""
+    """Memory the populations hold: per trajectory about 2 (K+1) draw codes (z, xi;
+    :data:`DRAW_DTYPE`), (K+1) l' values (:data:`HIST_DTYPE`) and 4 doubles, per tangent
+    trajectory 3 (K+1) more history values (u and the two kappa paths), per population
+    6 (K+1)^2 doubles (R, C, G, M, L, ...)."""
     Kp = exp.steps + 1
     hb = np.dtype(HIST_DTYPE).itemsize
+    db = np.dtype(DRAW_DTYPE).itemsize
     tangent_sizes = sizes if tangent_sizes is None else tangent_sizes
     ntraj = sum(-(-int(n) // BLOCK) * BLOCK for n in sizes)
     ntan = sum(-(-int(min(n, t)) // BLOCK) * BLOCK for n, t in zip(sizes, tangent_sizes))
-    return (hb * (ntraj * 3 * Kp + ntan * 3 * Kp) + 8 * (ntraj * 5 + len(sizes) * 6 * Kp * Kp))
+    return (db * ntraj * 2 * Kp + hb * (ntraj * Kp + ntan * 3 * Kp)
+            + 8 * (ntraj * 4 + len(sizes) * 6 * Kp * Kp))
 
 
 def check_memory(exp, sizes, tangent_sizes=None, fraction=0.5):
@@ -958,6 +1258,14 @@ def field_hist(h):
     half = HIST_SIGMAS * std if std > 1e-12 * max(1.0, abs(mean)) else 1.0
     counts, edges = np.histogram(h, bins=HIST_BINS, range=(mean - half, mean + half))
     return edges, counts / (h.size * (2 * half / HIST_BINS))
+
+
+def pop_field_hist(pop, g=0):
+    """:func:`field_hist` of group g's current fields, in one compiled pass over the blocks
+    (no copy; same bins, mean and std up to summation order)."""
+    n, half, edges, counts = _field_moments_hist(pop.h, pop.cnt, int(pop.grp_blk[g]),
+                                                 int(pop.grp_blk[g + 1]), HIST_BINS, HIST_SIGMAS)
+    return edges, counts / (n * (2 * half / HIST_BINS))
 
 
 def theta_density(Q):
@@ -1019,7 +1327,7 @@ def stream(exp, cancel=None, replicas: int | None = None, divisor: int = REPLICA
             else:
                 se[name] = math.nan
         t = k * exp.dt
-        extras = {"field_hist": field_hist(pop.fields(0))}
+        extras = {"field_hist": pop_field_hist(pop, 0)}
         if values["Q"] > 0:
             extras["theta_density"] = theta_density(values["Q"])
         if k >= next_kernels or k == K:
