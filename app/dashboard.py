@@ -708,7 +708,10 @@ class Dashboard(pn.viewable.Viewer):
             return
 
         async def now():
-            self.tick()
+            from panel.io.state import set_curdoc
+
+            with set_curdoc(doc):  # Panel's current document: plots may then be changed here
+                self.tick()
 
         doc.add_next_tick_callback(now)
 

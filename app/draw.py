@@ -175,8 +175,8 @@ class DirectCurves:
     def __init__(self, grid):
         self.grid = grid
         self._targets: dict = {}  # id(plot) -> _Target
-        self.counts = {"direct": 0, "fallback": 0, "streamed": 0, "replaced": 0,
-                       "unchanged": 0}
+        self.counts = collections.Counter(direct=0, fallback=0, streamed=0, replaced=0,
+                                          unchanged=0)
         self.times: collections.deque = collections.deque(maxlen=100)  # perf_counter of draws
 
     def targets(self, pane) -> list | None:
@@ -202,6 +202,7 @@ class DirectCurves:
         targets = self.targets(pane)
         if not targets or not all(_writable(t.doc) for t in targets):
             self.counts["fallback"] += 1
+            self.counts["fallback_not_rendered" if not targets else "fallback_thread"] += 1
             return False
         cols = self.columns(data)
         try:

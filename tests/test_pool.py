@@ -277,3 +277,31 @@ def test_draw_pacer_shares_the_loop_between_sessions():
         q.delay(o, 0.1, 0.15)
     time.sleep(0.01)
     assert q.delay(a, 0.1, 0.15) == pytest.approx(0.3)
+
+
+def test_first_snapshot_hook_is_called_once_per_job_after_it_is_queued():
+    """The dashboard draws the theory's first point when this hook fires, not at its next
+    periodic tick: it must fire once per job, from the worker, with that snapshot already
+    in the session's queue; a failing hook must not stop the engine."""
+    p = Pool(2, idle_s=0.2)
+    gate = threading.Event()
+    r = Runner({"theory": gated_engine(gate, n_snaps=3)}, pool=p)
+    seen = []
+
+    def hook(key):
+        queued = [e for e in list(r._queue.queue) if e.key == key]
+        seen.append((key, threading.current_thread() is not threading.main_thread(),
+                     [e.kind for e in queued]))
+        raise RuntimeError("a broken hook")
+
+    r.on_first_snapshot = hook
+    r.start([Job("theory", "theory", small_exp()), Job("gd", "theory", small_exp())])
+    wait_for(lambda: len(seen) == 2, what="both hooks")
+    gate.set()
+    assert r.join(5)
+    assert sorted(k for k, _, _ in seen) == ["gd", "theory"]
+    for _, worker, kinds in seen:
+        assert worker and "snap" in kinds  # from the worker, the snapshot already queued
+    for _, _, kinds in seen:  # exactly the job's first snapshot was queued when it fired
+        assert kinds.count("snap") == 1, kinds
+    assert sum(e.kind == "snap" for e in r.drain()) == 2 * 3  # the engines went on
