@@ -484,16 +484,16 @@ def _dl1_dy(code, h, y):
 
 
 @njit(cache=True, nogil=True, fastmath=FMA)
-def _lane_sum(out, coef, off, hist, j0, j1, c):
-    """``out[i] += sum_{j0 <= j < j1} coef[j + off] hist[j, i]`` (i < c) in float64: four history
-    rows per pass over ``out`` (each row read once, one load/store of ``out`` per four
+def _lane_sum(out, coef, off, hist, j0, j1, c, scale=1.0):
+    """``out[i] += sum_{j0 <= j < j1} scale coef[j + off] hist[j, i]`` (i < c) in float64: four
+    history rows per pass over ``out`` (each row read once, one load/store of ``out`` per four
     multiply-adds), vectorised over lanes."""
     j = j0
     while j + 4 <= j1:
-        a0 = coef[j + off]
-        a1 = coef[j + 1 + off]
-        a2 = coef[j + 2 + off]
-        a3 = coef[j + 3 + off]
+        a0 = coef[j + off] * scale
+        a1 = coef[j + 1 + off] * scale
+        a2 = coef[j + 2 + off] * scale
+        a3 = coef[j + 3 + off] * scale
         h0 = hist[j]
         h1 = hist[j + 1]
         h2 = hist[j + 2]
@@ -502,7 +502,7 @@ def _lane_sum(out, coef, off, hist, j0, j1, c):
             out[i] += (a0 * h0[i] + a1 * h1[i]) + (a2 * h2[i] + a3 * h3[i])
         j += 4
     while j < j1:
-        a0 = coef[j + off]
+        a0 = coef[j + off] * scale
         h0 = hist[j]
         for i in range(c):
             out[i] += a0 * h0[i]
@@ -513,26 +513,8 @@ def _lane_sum(out, coef, off, hist, j0, j1, c):
 def _lane_sum_w(out, coef, off, lph, xi, w0, cw, j0, j1, c):
     """:func:`_lane_sum` of the increments ``dA[j, i] = l'[j, i] (w0 + cw xi[j, i])`` (l' and the
     noise codes stored, dA formed on the fly: 6 bytes read per value instead of 4 + 4)."""
-    if cw == 0.0:
-        j = j0
-        while j + 4 <= j1:
-            a0 = coef[j + off] * w0
-            a1 = coef[j + 1 + off] * w0
-            a2 = coef[j + 2 + off] * w0
-            a3 = coef[j + 3 + off] * w0
-            h0 = lph[j]
-            h1 = lph[j + 1]
-            h2 = lph[j + 2]
-            h3 = lph[j + 3]
-            for i in range(c):
-                out[i] += (a0 * h0[i] + a1 * h1[i]) + (a2 * h2[i] + a3 * h3[i])
-            j += 4
-        while j < j1:
-            a0 = coef[j + off] * w0
-            h0 = lph[j]
-            for i in range(c):
-                out[i] += a0 * h0[i]
-            j += 1
+    if cw == 0.0:  # no noise (tau = 0): dA = l' w0
+        _lane_sum(out, coef, off, lph, j0, j1, c, w0)
         return
     j = j0
     while j + 4 <= j1:
