@@ -63,12 +63,41 @@ def collect_soon(delay: float = 5.0) -> None:
             with open(log_path, "a") as fh:
                 fh.write(json.dumps({"kind": "live", "t": round(time.time(), 3),
                                      "dashboards": live}) + "\n")
+            trace_growth(log_path + ".tracemalloc")
 
     with _gc_lock:
         if _gc_timer is None:
             _gc_timer = threading.Timer(delay, run)
             _gc_timer.daemon = True
             _gc_timer.start()
+
+
+_first_snapshot = None
+
+
+def trace_growth(path: str, top: int = 15) -> bool:
+    """Load tests run with ``PYTHONTRACEMALLOC=N``: append to ``path`` the Python allocations that
+    grew most since the first call (after the first collection), by traceback. False (nothing
+    written) without tracing."""
+    import tracemalloc
+
+    global _first_snapshot
+    if not tracemalloc.is_tracing():
+        return False
+    snap = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(False, tracemalloc.__file__)])
+    if _first_snapshot is None:
+        _first_snapshot = snap
+        return True
+    stats = snap.compare_to(_first_snapshot, "traceback")
+    total = sum(st.size_diff for st in stats)
+    with open(path, "a") as fh:
+        fh.write(f"=== traced growth since the first collection: {total / 2**20:.2f} MiB\n")
+        for st in stats[:top]:
+            fh.write(f"{st.size_diff / 2**20:+.3f} MiB in {st.count_diff:+d} blocks\n")
+            for line in st.traceback.format()[-8:]:
+                fh.write(f"    {line}\n")
+    return True
 
 
 def trim() -> bool:
