@@ -1,8 +1,7 @@
 """What a closed browser session leaves behind in the server process, and how it is freed.
 
 :class:`~app.dashboard.Dashboard.close` (run by the session-destroyed hook) calls
-:func:`release` on its views and :func:`collect_soon`; ``app/main.py`` keeps its names for
-compatibility. No numerics here.
+:func:`release` on its views and :func:`collect_soon`. No numerics here.
 """
 from __future__ import annotations
 

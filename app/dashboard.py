@@ -102,6 +102,7 @@ class Dashboard(pn.viewable.Viewer):
         self._next_draw = 0.0
         self._next_dist_draw = 0.0
         self.plot_cost = 0.0
+        self._styles_settled = False  # first updates of the text panes done (draw.settle_styles)
         self._build_widgets()
         self._build_layout()
         SESSIONS.add(self)
@@ -720,7 +721,7 @@ class Dashboard(pn.viewable.Viewer):
         if self._closed:
             return 0
         with self._lock:
-            if not getattr(self, "_styles_settled", False):  # once the page has loaded
+            if not self._styles_settled:  # once the page has loaded
                 self._styles_settled = draw.settle_styles(self)
             events = self.runner.drain()
             run = self.store.current

@@ -45,11 +45,16 @@ HALF_SPAN = 1.0
 #: Longest time a session skips redraws because its socket is still writing (then draws).
 MAX_BACKLOG_WAIT = 2.0
 
+
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "1").strip() not in ("0", "false", "no")
+
+
 #: ``SGF_DMFT_DIRECT_DRAW=0`` turns the direct path off (every redraw through HoloViews, as
 #: before; for comparisons).
-ENABLED = os.environ.get("SGF_DMFT_DIRECT_DRAW", "1").strip() not in ("0", "false", "no")
+ENABLED = _env_on("SGF_DMFT_DIRECT_DRAW")
 #: ``SGF_DMFT_BACKPRESSURE=0`` turns the backpressure off (for comparisons).
-BACKPRESSURE = os.environ.get("SGF_DMFT_BACKPRESSURE", "1").strip() not in ("0", "false", "no")
+BACKPRESSURE = _env_on("SGF_DMFT_BACKPRESSURE")
 
 
 _ROLE_PLOTS = {"band": "SpreadPlot", "line": "CurvePlot", "thin": "CurvePlot",
@@ -213,6 +218,7 @@ class DirectCurves:
             log.debug("direct curve update failed: %s", e)
             self._targets.clear()
             self.counts["fallback"] += 1
+            self.counts["fallback_columns"] += 1
             return False
         self.grid.pipe.update(data=data)  # silently: a later HoloViews render starts here
         self.counts["direct"] += 1

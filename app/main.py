@@ -10,10 +10,6 @@ from pathlib import Path
 
 import panel as pn
 
-from app.cleanup import collect_soon, release, trim  # public names kept here
-
-__all__ = ["extensions", "create", "serve_page", "release", "collect_soon", "trim"]
-
 CSS_FILE = Path(__file__).resolve().parents[1] / "assets" / "dashboard.css"
 
 

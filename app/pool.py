@@ -55,6 +55,16 @@ def env_int(name: str, default: int | None) -> int | None:
         return default
 
 
+def env_float(name: str, default: float) -> float:
+    """A number from the environment; ``default`` when unset, empty or not a number."""
+    raw = os.environ.get(name, "")
+    try:
+        return float(raw) if raw.strip() else default
+    except ValueError:
+        log.warning("%s=%r is not a number: using %s", name, raw, default)
+        return default
+
+
 def caps() -> dict[str, int | None]:
     """The caps in force (read from the environment on each call; None = no cap)."""
     return {k: env_int(env, default) for k, (env, default, _) in CAPS.items()}

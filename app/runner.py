@@ -26,7 +26,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from .pool import Group, Pool, Ticket, shared_pool
+from .pool import Group, Pool, Ticket, env_float, shared_pool
 
 log = logging.getLogger(__name__)
 
@@ -321,14 +321,6 @@ def draw_pacer() -> DrawPacer:
     ``SGF_DMFT_DRAW_INTERVAL``, default 0.1 s)."""
     global _PACER
     if _PACER is None:
-        import os
-
-        def env(name, default):
-            try:
-                return float(os.environ.get(name, "") or default)
-            except ValueError:
-                return default
-
-        _PACER = DrawPacer(env("SGF_DMFT_DRAW_SHARE", 0.25),
-                           interval=env("SGF_DMFT_DRAW_INTERVAL", 0.1))
+        _PACER = DrawPacer(env_float("SGF_DMFT_DRAW_SHARE", 0.25),
+                           interval=env_float("SGF_DMFT_DRAW_INTERVAL", 0.1))
     return _PACER

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import panel as pn  # noqa: E402
 
 import app.main as main  # noqa: E402
+from app import cleanup  # noqa: E402
 
 
 def rss():
@@ -58,7 +59,7 @@ def get():
 def settle(wait):
     time.sleep(wait)
     gc.collect()
-    main.trim()
+    cleanup.trim()
     time.sleep(1)
     from app.dashboard import Dashboard
     return sum(isinstance(o, Dashboard) for o in gc.get_objects())

@@ -5,7 +5,7 @@ with Bokeh's unused-session lifetime lowered to 0.5 s; each HTTP GET of the page
 session (Dashboard, template, Bokeh document) that is destroyed once unused. After the
 sessions are destroyed and a ``gc.collect()``, the number of live session-owned objects must be
 back at the baseline: Dashboards, Panel's link registry (the editable sliders' jscallbacks,
-which kept every Dashboard alive before ``app.main.release``), HoloViews' stream registry and
+which kept every Dashboard alive before ``app.cleanup.release``), HoloViews' stream registry and
 custom option trees. Counts of objects, not an RSS threshold.
 
 Budget: about 15 s on a quiet 2-core machine (3 page builds; 30 s at load 4).
