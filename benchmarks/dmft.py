@@ -254,8 +254,9 @@ def main(argv=None):
                     help="N of the sweep-vs-Picard comparison (default 8000)")
     ap.add_argument("--no-picard", action="store_true", help="skip the Picard baseline")
     ap.add_argument("--replica-divisor", type=int, default=None,
-                    help="replicas hold samples // D trajectories in all (default: the engine's "
-                         "glm.REPLICA_DIVISOR = 4); e.g. 8 to measure cheaper replicas")
+                    help="replicas hold samples // D trajectories in all, each at least "
+                         "glm.MIN_REPLICA (default: the engine's glm.REPLICA_DIVISOR = 8); "
+                         "4 gives the replicas of N/64 used before 2026-11-26 session 4")
     ap.add_argument("--alphas", default="1.0,0.5", help="Picard damping values")
     ap.add_argument("--quiet-load", type=float, default=None,
                     help="before each timed run, wait until fewer than this many cores are busy "

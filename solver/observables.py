@@ -68,6 +68,8 @@ def test_loss(m, Q, *, loss, teacher, rho=1.0, noise=0.0, flip=0.0):
         arg = a[..., None, None] * u[:, None] + b[..., None, None] * z[None, :]
         W = wu[:, None] * wz[None, :]
         right = np.sum(W * np.logaddexp(0.0, -arg), axis=(-2, -1))
+        if flip == 0:  # the flipped-label term has weight 0 (and costs as much as the other)
+            return right
         wrong = np.sum(W * np.logaddexp(0.0, arg), axis=(-2, -1))
         return (1 - flip) * right + flip * wrong
     raise ValueError(f"loss={loss!r} with teacher={teacher!r} is not supported")

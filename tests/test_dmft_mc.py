@@ -276,8 +276,8 @@ def test_standard_errors_match_seed_spread():
     assert sizes[1] == 1000
     assert glm.tangent_plan(sizes, tangent_min=1000)[:2] == [1000, 250]
     assert glm.tangent_plan([4 * glm.TANGENT_MIN, 1000]) == [glm.TANGENT_MIN, 250]
-    big = glm.replica_plan(120000)  # the benchmark's N: 16 replicas, 25% extra work
-    assert big == [120000] + [1875] * 16 and glm.tangent_plan(big)[:2] == [30000, 469]
+    big = glm.replica_plan(120000)  # the benchmark's N: 16 replicas of 1000, 13% extra work
+    assert big == [120000] + [1000] * 16 and glm.tangent_plan(big)[:2] == [30000, 250]
     vals, ses = [], []
     for s in range(16):
         res = glm.solve(exp.copy(seed=100 + s), tangent_min=1000)
@@ -442,8 +442,9 @@ def test_degenerate_start_and_gd_pivots():
 
 
 def test_float32_histories_are_harmless():
-    """Histories stored as float32 (glm.HIST_DTYPE; sums in float64), which also selects the
-    float32 tangent rows (R, chi and the adjoint accumulators in float32; G, M sums in float64),
+    """Histories stored as float32 (glm.HIST_DTYPE), which also selects float32 for the sums
+    over a trajectory's past and over a block's lanes and the float32 tangent rows (R, chi and
+    the adjoint accumulators in float32; population sums G, M and the kernels in float64),
     against float64 storage and tangent, same seed and random numbers, in the benchmark
     configuration: every curve (train/test loss, m, Q at every recorded time) moves by less than
     1% of its Monte Carlo standard error."""
@@ -461,22 +462,35 @@ def test_float32_histories_are_harmless():
     assert worst > 0  # the storage did change
 
 
-def test_tangent_row_variants_agree():
-    """The two- and four-trajectory tangent rows (used by the population step) against the
-    single-trajectory adjoint recursion (itself checked against finite differences above)."""
-    rng = np.random.default_rng(0)
-    K = 23
+def test_tangent_lanes_match_the_adjoint_row():
+    """The lane-vectorised tangent of the population step (all lanes of a block at once, rows
+    retired eight at a time through packed tiles of R) against the single-trajectory adjoint
+    recursion, lane by lane, for k around the tile edges; a lane whose weights are non-finite
+    (a diverged trajectory) stays confined to its own lane and adds nothing to the sums."""
+    rng = np.random.default_rng(1)
+    K, B = 40, glm.BLOCK
     R = np.tril(rng.standard_normal((K + 1, K + 1)) * 0.3)
-    U = rng.standard_normal((4, K + 1))
-    for k in (0, 1, 3, 4, 5, 8, K):
-        ref = np.empty((4, k + 1))
-        racc = np.empty((4, k + 1))
-        for t in range(4):
-            glm._tangent_row(k, R, U[t], ref[t], racc[t])
-        V, A = np.empty((4, k + 1)), np.empty((4, k + 1))
-        glm._tangent_rows4(k, R, U[:, : k + 1].copy(), V, A)
-        np.testing.assert_allclose(V, ref, rtol=1e-12, atol=1e-14)
-        np.testing.assert_allclose(A[:, :k], racc[:, :k], rtol=1e-12, atol=1e-14)
-        v, y, a, b = (np.empty(k + 1) for _ in range(4))
-        glm._tangent_rows2(k, R, U[0], U[1], v, y, a, b)
-        np.testing.assert_allclose(np.stack([v, y]), ref[:2], rtol=1e-12, atol=1e-14)
+    U = rng.standard_normal((K + 1, B))
+    U[:, B - 1] = 0.0  # an unused lane
+    U[5, 7] = np.nan  # a diverged one
+    P = np.zeros((K + 1) * (K + 1))
+    for k in (0, 1, 7, 8, 9, 16, 17, 24, K):
+        glm._pack_tiles(k, R, P)
+        V, A = np.empty((k + 1, B)), np.empty((k + 1, B))
+        glm._tangent_lanes(k, R, P, U, V, A)
+        for lane in (0, 3, 30, B - 1):
+            ref, racc = np.empty(k + 1), np.empty(k + 1)
+            glm._tangent_row(k, R, U[:, lane].copy(), ref, racc)
+            np.testing.assert_allclose(V[:, lane], ref, rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(A[:k, lane], racc[:k], rtol=1e-12, atol=1e-14)
+        good = np.isfinite(V).all(axis=0) & np.isfinite(A[:k]).all(axis=0)
+        assert good.sum() >= B - 1 and (k <= 5 or not good[7])
+        a = rng.standard_normal(B)
+        lph = rng.standard_normal((K + 1, B))
+        pG, pM2 = np.zeros(K + 1), np.zeros(K + 1)
+        glm._accumulate_lanes(k, a, lph, V, A, good, B, pG, pM2, 0.3, True)
+        Vg, Ag = np.where(good, V, 0.0), np.where(good, A, 0.0)
+        np.testing.assert_allclose(pG[: k + 1], Vg @ np.where(good, a, 0.0), rtol=1e-12,
+                                   atol=1e-12)
+        np.testing.assert_allclose(pM2[:k], 0.3 * (Ag[:k] * lph[:k] ** 2) @ np.where(good, a, 0.0),
+                                   rtol=1e-12, atol=1e-12)

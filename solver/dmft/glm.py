@@ -28,8 +28,9 @@ lower triangular ``L[k, j] = R[k, j+1] u_j``, so row ``v = chi[k, :]`` solves ``
     v_k = 1,   v_m = -u_m sum_{m < k' <= k} v_k' R[k', m+1]     (m = k-1 .. 0).
 
 Same ``O(k^2)`` work per trajectory and step as the forward recursion (``O(N K^3 / 6)`` in all),
-but ``O(K)`` memory per trajectory instead of ``O(K^2)``; the inner loop is a contiguous AXPY over
-rows of ``R`` that stay in cache.
+but ``O(K)`` memory per trajectory instead of ``O(K^2)``. It runs for all trajectories of a block
+at once, vectorised over them (:func:`_tangent_lanes`: the block's ``u`` history is already
+``[time, lane]``), with the rows of ``R`` retired eight at a time as a rank-8 update.
 
 Large populations compute the tangent (and the kappa paths) on a subset of ``N_t`` of their
 trajectories only (:func:`tangent_plan`: ``N_t = min(N, max(4096, N/4))``): ``G``, ``kappa`` and
@@ -37,9 +38,10 @@ the tangent part of the cross moments are averaged over those, fields, the rest 
 train loss over all ``N`` (same expectations; docs/theory.md, "Subset tangent").
 
 Per-trajectory histories are stored as :data:`HIST_DTYPE` (float32: half the memory traffic of
-the O(k) passes, which dominate the field part) and every sum over them runs in float64
-(docs/theory.md, "Float32 histories"); with float32 histories the tangent rows run in float32
-too (a float32 copy ``Rt`` of R; "Float32 tangent"). The Gaussian draws come from a
+the O(k) passes, which dominate the field part); the O(k) sums over them and the sums over a
+block's lanes run in the same precision (float32 copies ``Lt``, ``Rt`` of the rows of L and R;
+population sums and kernels stay float64; docs/theory.md, "Float32 histories"), and so do the
+tangent rows ("Float32 tangent"). The Gaussian draws come from a
 counter-based generator inside the parallel step (:func:`_normal_pair`; results independent of
 the number of threads) and are stored as int16 codes (:data:`ZQ`); ``dA`` is not stored but
 formed from ``l'`` and the noise codes (docs/theory.md, "Random numbers").
@@ -70,10 +72,11 @@ PAR_CHUNK = 2
 FMA = {"contract"}
 #: Partial sums per block: train loss, E[l' h*], E[a], #non-finite, direct kappa sample.
 _NS = 5
-#: Storage type of the per-trajectory histories (z, dA, l', u, kappa paths). Every sum over them
-#: is accumulated in float64; float32 storage halves the memory traffic of the O(k) field and
-#: cross-moment passes (the sweep's bottleneck) and changes the curves by far less than their
-#: Monte Carlo error (measured, docs/theory.md "Float32 histories";
+#: Storage type of the per-trajectory histories (l', u, kappa paths), and the precision of the
+#: O(k) sums over them and of the tangent rows (population sums stay float64); float32 halves
+#: the memory traffic and doubles the lanes per vector instruction of the field and cross-moment
+#: passes, and changes the curves by far less than their Monte Carlo error (measured,
+#: docs/theory.md "Float32 histories";
 #: tests/test_dmft_mc.py::test_float32_histories_are_harmless). ``np.float64`` restores the old
 #: storage; ``Populations(hist_dtype=...)`` overrides it per solve.
 HIST_DTYPE = np.float32
@@ -291,6 +294,23 @@ def _deterministic(k, dt, lam, delta, q0, m0, rho, R, b, G, kappa, M, m, C, L, P
 # --------------------------------------------------------------------------------------------
 # tangent row by the adjoint recursion
 # --------------------------------------------------------------------------------------------
+@njit(cache=True, nogil=True, fastmath=FMA, inline="always")
+def _head4(kp, R1, R2, R3, u, v, acc):
+    """First three rows of a group of four in :func:`_tangent_row`: completes ``acc`` at
+    ``kp-1 .. kp-3`` by short scalar sums, sets ``v[kp-1 .. kp-3]``; returns ``v[kp .. kp-3]``."""
+    v1 = v[kp]
+    acc[kp - 1] += v1 * R1[kp]
+    v2 = -u[kp - 1] * acc[kp - 1]
+    acc[kp - 2] += v1 * R1[kp - 1] + v2 * R2[kp - 1]
+    v3 = -u[kp - 2] * acc[kp - 2]
+    acc[kp - 3] += v1 * R1[kp - 2] + v2 * R2[kp - 2] + v3 * R3[kp - 2]
+    v4 = -u[kp - 3] * acc[kp - 3]
+    v[kp - 1] = v2
+    v[kp - 2] = v3
+    v[kp - 3] = v4
+    return v1, v2, v3, v4
+
+
 @njit(cache=True, nogil=True, fastmath=FMA)
 def _tangent_row(k, R, u, v, acc):
     """v[m] = chi[k, m] (m <= k) for one trajectory with ``u[j] = a_j w_j``:
@@ -323,152 +343,116 @@ def _tangent_row(k, R, u, v, acc):
         kp -= 1
 
 
+#: Rows of R retired per pass by :func:`_tangent_lanes` (a rank-TILE update of the accumulators).
+TILE = 8
+
+
+@njit(cache=True, nogil=True)
+def _pack_tiles(k, R, P):
+    """``P`` for :func:`_tangent_lanes` at step k: for the tiles' top rows ``p = k, k-8, ...``
+    (while ``lo = p - 8 > 0``), ``R[p - i, mm + 1]`` at ``off_p + 8 mm + i`` (mm < lo, i < 8),
+    tiles one after the other."""
+    p = k
+    off = 0
+    while p > TILE:
+        lo = p - TILE
+        for mm in range(lo):
+            for i in range(TILE):
+                P[off + TILE * mm + i] = R[p - i, mm + 1]
+        off += TILE * lo
+        p = lo
+
+
+@njit(cache=True, nogil=True)
+def _pack_groups(k, R, P):
+    """:func:`_pack_tiles` for every group (leading axis of ``R`` and ``P``)."""
+    for g in range(R.shape[0]):
+        _pack_tiles(k, R[g], P[g])
+
+
 @njit(cache=True, nogil=True, fastmath=FMA)
-def _tangent_rows2(k, R, u, x, v, y, acc, bcc):
-    """:func:`_tangent_row` for two trajectories at once (weights ``u``, ``x``; rows ``v``, ``y``;
-    accumulators ``acc``, ``bcc``): each row of R is loaded once for both, which is what limits
-    the single-trajectory loop."""
-    v[k] = 1.0
-    y[k] = 1.0
+def _tangent_lanes(k, R, P, u, V, A):
+    """:func:`_tangent_row` for every lane of a block at once, vectorised over the lanes:
+    ``V[m, l] = chi_l[k, m]`` (m <= k) and ``A[m, l] = sum_{m < i <= k} V[i, l] R[i, m+1]``
+    (m < k), for the weights ``u[j, l] = a_j w_j`` of lane l ([time, lane], the block's own
+    history layout: no copies). Rows are retired TILE at a time: inside a tile the recursion
+    runs row by row over ``A[lo:p]`` only, then one rank-TILE update brings ``A[:lo]`` up to
+    date (TILE multiply-adds per load/store of an accumulator), reading the tile's rows of R
+    packed by :func:`_pack_tiles` (``P``: one stream instead of eight); the per-row
+    bookkeeping that limits the per-trajectory kernels is shared by all lanes. Lanes with ``u = 0`` give
+    ``V = e_k`` and ``A[m] = R[k, m+1]`` (finite; the caller masks them)."""
+    nl = V.shape[1]
+    for l in range(nl):
+        V[k, l] = 1.0
     for mm in range(k):
-        acc[mm] = 0.0
-        bcc[mm] = 0.0
-    kp = k
-    while kp >= 4:
-        R1 = R[kp]
-        R2 = R[kp - 1]
-        R3 = R[kp - 2]
-        R4 = R[kp - 3]
-        v1 = v[kp]
-        y1 = y[kp]
-        acc[kp - 1] += v1 * R1[kp]
-        bcc[kp - 1] += y1 * R1[kp]
-        v2 = -u[kp - 1] * acc[kp - 1]
-        y2 = -x[kp - 1] * bcc[kp - 1]
-        acc[kp - 2] += v1 * R1[kp - 1] + v2 * R2[kp - 1]
-        bcc[kp - 2] += y1 * R1[kp - 1] + y2 * R2[kp - 1]
-        v3 = -u[kp - 2] * acc[kp - 2]
-        y3 = -x[kp - 2] * bcc[kp - 2]
-        acc[kp - 3] += v1 * R1[kp - 2] + v2 * R2[kp - 2] + v3 * R3[kp - 2]
-        bcc[kp - 3] += y1 * R1[kp - 2] + y2 * R2[kp - 2] + y3 * R3[kp - 2]
-        v4 = -u[kp - 3] * acc[kp - 3]
-        y4 = -x[kp - 3] * bcc[kp - 3]
-        v[kp - 1] = v2
-        v[kp - 2] = v3
-        v[kp - 3] = v4
-        y[kp - 1] = y2
-        y[kp - 2] = y3
-        y[kp - 3] = y4
-        for mm in range(kp - 3):
-            r1 = R1[mm + 1]
-            r2 = R2[mm + 1]
-            r3 = R3[mm + 1]
-            r4 = R4[mm + 1]
-            acc[mm] += v1 * r1 + v2 * r2 + v3 * r3 + v4 * r4
-            bcc[mm] += y1 * r1 + y2 * r2 + y3 * r3 + y4 * r4
-        v[kp - 4] = -u[kp - 4] * acc[kp - 4]
-        y[kp - 4] = -x[kp - 4] * bcc[kp - 4]
-        kp -= 4
-    while kp >= 1:
-        Rk = R[kp]
-        vk = v[kp]
-        yk = y[kp]
-        for mm in range(kp):
-            acc[mm] += vk * Rk[mm + 1]
-            bcc[mm] += yk * Rk[mm + 1]
-        v[kp - 1] = -u[kp - 1] * acc[kp - 1]
-        y[kp - 1] = -x[kp - 1] * bcc[kp - 1]
-        kp -= 1
+        Am = A[mm]
+        for l in range(nl):
+            Am[l] = 0.0
+    p = k
+    off = 0
+    while p >= 1:
+        lo = p - min(TILE, p)
+        for kp in range(p, lo, -1):  # inside the tile: finalise V[p-1] .. V[lo]
+            Rk = R[kp]
+            Vk = V[kp]
+            for mm in range(lo, kp):
+                r = Rk[mm + 1]
+                Am = A[mm]
+                for l in range(nl):
+                    Am[l] += Vk[l] * r
+            Vn = V[kp - 1]
+            An = A[kp - 1]
+            un = u[kp - 1]
+            for l in range(nl):
+                Vn[l] = -un[l] * An[l]
+        if lo > 0:  # rank-8 update of A[:lo] with rows p .. p-7 (lo > 0 implies a full tile)
+            V0 = V[p]
+            V1 = V[p - 1]
+            V2 = V[p - 2]
+            V3 = V[p - 3]
+            V4 = V[p - 4]
+            V5 = V[p - 5]
+            V6 = V[p - 6]
+            V7 = V[p - 7]
+            for mm in range(lo):
+                q = off + TILE * mm
+                r0 = P[q]
+                r1 = P[q + 1]
+                r2 = P[q + 2]
+                r3 = P[q + 3]
+                r4 = P[q + 4]
+                r5 = P[q + 5]
+                r6 = P[q + 6]
+                r7 = P[q + 7]
+                Am = A[mm]
+                for l in range(nl):
+                    Am[l] += (V0[l] * r0 + V1[l] * r1 + V2[l] * r2 + V3[l] * r3
+                              + V4[l] * r4 + V5[l] * r5 + V6[l] * r6 + V7[l] * r7)
+            off += TILE * lo
+        p = lo
 
 
-@njit(cache=True, nogil=True, fastmath=FMA, inline="always")
-def _head4(kp, R1, R2, R3, u, v, acc):
-    """First three rows of a group of four in :func:`_tangent_row`: completes ``acc`` at
-    ``kp-1 .. kp-3`` by short scalar sums, sets ``v[kp-1 .. kp-3]``; returns ``v[kp .. kp-3]``."""
-    v1 = v[kp]
-    acc[kp - 1] += v1 * R1[kp]
-    v2 = -u[kp - 1] * acc[kp - 1]
-    acc[kp - 2] += v1 * R1[kp - 1] + v2 * R2[kp - 1]
-    v3 = -u[kp - 2] * acc[kp - 2]
-    acc[kp - 3] += v1 * R1[kp - 2] + v2 * R2[kp - 2] + v3 * R3[kp - 2]
-    v4 = -u[kp - 3] * acc[kp - 3]
-    v[kp - 1] = v2
-    v[kp - 2] = v3
-    v[kp - 3] = v4
-    return v1, v2, v3, v4
-
-
-@njit(cache=True, nogil=True, fastmath=FMA)
-def _tangent_rows4(k, R, U, V, A):
-    """:func:`_tangent_row` for four trajectories at once (weights ``U[t]``, rows ``V[t]``,
-    accumulators ``A[t]``, t < 4): each row of R is loaded once for all four (half the cache
-    traffic of :func:`_tangent_rows2`). See :func:`_tangent_rows4u`."""
-    _tangent_rows4u(k, R, U[0], U[1], U[2], U[3], V, A)
-
-
-@njit(cache=True, nogil=True, fastmath=FMA)
-def _tangent_rows4u(k, R, u0, u1, u2, u3, V, A):
-    """:func:`_tangent_rows4` with the four weight histories as separate (possibly strided)
-    arrays: the population step passes columns of its ``[time, lane]`` history ``u`` directly
-    (the weights are read O(k) times per row, so no per-trajectory copy is needed)."""
-    v0, v1, v2, v3 = V[0], V[1], V[2], V[3]
-    a0, a1, a2, a3 = A[0], A[1], A[2], A[3]
-    for t in range(4):
-        V[t, k] = 1.0
-    for mm in range(k):
-        a0[mm] = 0.0
-        a1[mm] = 0.0
-        a2[mm] = 0.0
-        a3[mm] = 0.0
-    kp = k
-    while kp >= 4:
-        R1 = R[kp]
-        R2 = R[kp - 1]
-        R3 = R[kp - 2]
-        R4 = R[kp - 3]
-        p1, p2, p3, p4 = _head4(kp, R1, R2, R3, u0, v0, a0)
-        q1, q2, q3, q4 = _head4(kp, R1, R2, R3, u1, v1, a1)
-        s1, s2, s3, s4 = _head4(kp, R1, R2, R3, u2, v2, a2)
-        t1, t2, t3, t4 = _head4(kp, R1, R2, R3, u3, v3, a3)
-        for mm in range(kp - 3):
-            r1 = R1[mm + 1]
-            r2 = R2[mm + 1]
-            r3 = R3[mm + 1]
-            r4 = R4[mm + 1]
-            a0[mm] += p1 * r1 + p2 * r2 + p3 * r3 + p4 * r4
-            a1[mm] += q1 * r1 + q2 * r2 + q3 * r3 + q4 * r4
-            a2[mm] += s1 * r1 + s2 * r2 + s3 * r3 + s4 * r4
-            a3[mm] += t1 * r1 + t2 * r2 + t3 * r3 + t4 * r4
-        v0[kp - 4] = -u0[kp - 4] * a0[kp - 4]
-        v1[kp - 4] = -u1[kp - 4] * a1[kp - 4]
-        v2[kp - 4] = -u2[kp - 4] * a2[kp - 4]
-        v3[kp - 4] = -u3[kp - 4] * a3[kp - 4]
-        kp -= 4
-    while kp >= 1:
-        Rk = R[kp]
-        for t in range(4):
-            vt = V[t]
-            at = A[t]
-            ut = u0 if t == 0 else (u1 if t == 1 else (u2 if t == 2 else u3))
-            vk = vt[kp]
-            for mm in range(kp):
-                at[mm] += vk * Rk[mm + 1]
-            vt[kp - 1] = -ut[kp - 1] * at[kp - 1]
-        kp -= 1
-
-
-@njit(cache=True, nogil=True, fastmath=FMA)
-def _accumulate(k, a, lpi, v, acc, pG, pM2, cI, mibp):
-    """Add one tangent trajectory's samples of a_k chi[k, :] to ``pG`` and, if ``mibp``, of the
-    Ito correction ``(tau dt/delta) a_k l'_j^2 acc_j`` (j < k) of E[l'_k dA_j] to ``pM2``
-    (``lpi``: its l' history)."""
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _accumulate_lanes(k, ak, lph, V, A, good, c, pG, pM2, cI, mibp):
+    """Add the samples of the good lanes ``l < c`` (``good[l]``; the others add nothing,
+    whatever their V and A) from :func:`_tangent_lanes`' ``V``, ``A``: ``a_k chi[k, :]`` to
+    ``pG`` and, if ``mibp``, the Ito correction ``(tau dt/delta) a_k l'_j^2 acc_j`` (j < k) of
+    E[l'_k dA_j] to ``pM2`` (``lph``: the block's l' history, ``cI = tau dt/delta``)."""
     for mm in range(k + 1):
-        pG[mm] += a * v[mm]
+        Vm = V[mm]
+        s = 0.0
+        for l in range(c):
+            s += ak[l] * Vm[l] if good[l] else 0.0
+        pG[mm] += s
     if mibp:
-        ca = cI * a
         for j in range(k):
-            lj = lpi[j]
-            pM2[j] += ca * lj * lj * acc[j]
+            Aj = A[j]
+            Lj = lph[j]
+            s = 0.0
+            for l in range(c):
+                lj = Lj[l]
+                s += ak[l] * lj * lj * Aj[l] if good[l] else 0.0
+            pM2[j] += cI * s
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,9 +544,10 @@ def _lane_dots(out, scale, x, hist, k, c):
     """``out[j] += scale sum_{i<c} x[i] hist[j, i]`` for j < k, in float64 and reassociated so
     that LLVM vectorises the sums over lanes (a strict left-to-right sum is one long dependency
     chain; the order is fixed at compile time, so results stay deterministic)."""
+    zero = np.zeros(1, hist.dtype)[0]  # sums over the lanes in the histories' precision
     for j in range(k):
         h = hist[j]
-        s = 0.0
+        s = zero
         for i in range(c):
             s += x[i] * h[i]
         out[j] += scale * s
@@ -591,8 +576,8 @@ def _loss3(code, h, y):
 
 @njit(cache=True, nogil=True, parallel=True)
 def _population_step(k, blk0, blk1, cnt, blk_group, blk_tidx, blk_n0, keys, lcode, kmode, dt,
-                     delta, tau, L, R, Rt, z, hstar, y, xi, u, lph, dB, dC, h, part_s, part_G,
-                     part_M, part_M2, mibp):
+                     delta, tau, L, Lt, R, Rt, z, hstar, y, xi, u, lph, dB, dC, h, part_s, part_G,
+                     part_M, part_M2, mibp, Pt):
     """Step 4 for blocks ``blk0 .. blk1-1``: fields, increments, tangent row, and per-block
     partial sums: ``part_s`` = (loss, l' h*, a, #non-finite, kappa sample), ``part_G`` =
     a_k chi[k, :], ``part_M`` = (samples of E[l'_k dA_j] for j < k, l'_k^2), ``part_M2`` (see
@@ -629,6 +614,10 @@ def _population_step(k, blk0, blk1, cnt, blk_group, blk_tidx, blk_n0, keys, lcod
     cw = sq * math.sqrt(dt) * ZS  # w = w0 + cw * (xi code)
     cI = tau * dt / delta
     B = z.shape[2]
+    sc = np.empty(3, Rt.dtype)  # w0, cw, 1 in the precision of the field sums
+    sc[0] = w0
+    sc[1] = cw
+    sc[2] = 1.0
     for ib in prange(blk0, blk1):
         c = cnt[ib]
         g = blk_group[ib]
@@ -656,34 +645,37 @@ def _population_step(k, blk0, blk1, cnt, blk_group, blk_tidx, blk_n0, keys, lcod
         ub = u[it]
         lphb = lph[ib]
         dBb = dB[it]
-        # fields: O(k) sums over the block's contiguous past, vectorised over lanes
-        om0 = np.zeros(B)  # omega_k without the h* term: its law given h* = 0
-        _lane_sum(om0, Lr, 0, zb, 1, k + 2, c)  # in code units (exact power-of-two scale below)
-        mem = np.zeros(B)  # memory term sum_{j<k} R[k, j+1] dA_j
-        _lane_sum_w(mem, Rk, 1, lphb, xib, w0, cw, 0, k, c)
+        # fields: O(k) sums over the block's contiguous past, vectorised over lanes, in the
+        # precision of Rt (the histories'; docs/theory.md "Float32 histories")
+        Rkt = Rt[g, k]
+        om0h = np.zeros(B, Rt.dtype)  # omega_k without the h* term: its law given h* = 0
+        _lane_sum(om0h, Lt[g], 0, zb, 1, k + 2, c, sc[2])  # in code units (exact scale below)
+        memh = np.zeros(B, Rt.dtype)  # memory term sum_{j<k} R[k, j+1] dA_j
+        _lane_sum_w(memh, Rkt, 1, lphb, xib, sc[0], sc[1], 0, k, c)
+        om0 = np.empty(B)
         hk = np.empty(B)
         l0 = Lr[0] * ZS
         for i in range(c):
-            om0[i] *= ZS
-            hk[i] = om0[i] + l0 * zb[0, i] - mem[i]
+            om0[i] = om0h[i] * ZS
+            hk[i] = om0[i] + l0 * zb[0, i] - memh[i]
         hp = np.empty(B)
         hm = np.empty(B)
         if km == 1:
             dCb = dC[it]
-            mp = np.zeros(B)
-            mn = np.zeros(B)
-            _lane_sum(mp, Rk, 1, dBb, 0, k, c)
-            _lane_sum(mn, Rk, 1, dCb, 0, k, c)
+            mp = np.zeros(B, Rt.dtype)
+            mn = np.zeros(B, Rt.dtype)
+            _lane_sum(mp, Rkt, 1, dBb, 0, k, c, sc[2])
+            _lane_sum(mn, Rkt, 1, dCb, 0, k, c, sc[2])
             for i in range(c):
                 hp[i] = om0[i] - mp[i]
                 hm[i] = om0[i] - mn[i]
         elif km == 2:
-            mp = np.zeros(B)
-            _lane_sum(mp, Rk, 1, dBb, 0, k, c)
+            mp = np.zeros(B, Rt.dtype)
+            _lane_sum(mp, Rkt, 1, dBb, 0, k, c, sc[2])
             for i in range(c):
                 hp[i] = -mp[i]  # the label tangent eta_k
         ak = np.empty(B)
-        lpk = np.empty(B)
+        lpk = np.zeros(B, Rt.dtype)
         good = np.zeros(B, dtype=np.bool_)
         for i in range(c):
             hh = hk[i]
@@ -718,10 +710,7 @@ def _population_step(k, blk0, blk1, cnt, blk_group, blk_tidx, blk_n0, keys, lcod
             ps[4] += ksamp
             pM[k] += lp * lp
         # cross moments without the tangent: (dt/delta) l'_k l'_j (ibp) or l'_k dA_j (plain),
-        # vectorised over lanes
-        for i in range(c):
-            if not good[i]:
-                lpk[i] = 0.0
+        # vectorised over lanes (lpk: 0 on bad lanes)
         if mibp:
             _lane_dots(pM, w0, lpk, lphb, k, c)
         else:
@@ -731,42 +720,13 @@ def _population_step(k, blk0, blk1, cnt, blk_group, blk_tidx, blk_n0, keys, lcod
         pM2 = part_M2[ib]
         for j in range(k + 1):
             pM2[j] = 0.0
-        # tangent rows (O(k^2) per trajectory), four good lanes at a time (then two, then one),
-        # reading the weights u and the l' history as columns of the block's [time, lane]
-        # histories (O(k) reads per row: no per-lane copies), in the precision of Rt
+        # tangent rows (O(k^2) per trajectory) of every lane at once, from the block's
+        # [time, lane] history of the weights u, in the precision of Rt; bad lanes masked
         Rtg = Rt[g]
-        v = np.empty(k + 1, Rt.dtype)
-        vv = np.empty(k + 1, Rt.dtype)
-        acc = np.empty(k + 1, Rt.dtype)
-        bcc = np.empty(k + 1, Rt.dtype)
-        sel = np.empty(c, dtype=np.int64)
-        ng = 0
-        for i in range(c):
-            if good[i]:
-                sel[ng] = i
-                ng += 1
-        n4 = ng - ng % 4
-        if n4 > 0:
-            V4 = np.empty((4, k + 1), Rt.dtype)
-            A4 = np.empty((4, k + 1), Rt.dtype)
-            for q in range(0, n4, 4):
-                i0, i1, i2, i3 = sel[q], sel[q + 1], sel[q + 2], sel[q + 3]
-                _tangent_rows4u(k, Rtg, ub[:, i0], ub[:, i1], ub[:, i2], ub[:, i3], V4, A4)
-                _accumulate(k, ak[i0], lphb[:, i0], V4[0], A4[0], pG, pM2, cI, mibp)
-                _accumulate(k, ak[i1], lphb[:, i1], V4[1], A4[1], pG, pM2, cI, mibp)
-                _accumulate(k, ak[i2], lphb[:, i2], V4[2], A4[2], pG, pM2, cI, mibp)
-                _accumulate(k, ak[i3], lphb[:, i3], V4[3], A4[3], pG, pM2, cI, mibp)
-        q = n4
-        while q + 1 < ng:
-            i, i2 = sel[q], sel[q + 1]
-            _tangent_rows2(k, Rtg, ub[:, i], ub[:, i2], v, vv, acc, bcc)
-            _accumulate(k, ak[i], lphb[:, i], v, acc, pG, pM2, cI, mibp)
-            _accumulate(k, ak[i2], lphb[:, i2], vv, bcc, pG, pM2, cI, mibp)
-            q += 2
-        if q < ng:
-            i = sel[q]
-            _tangent_row(k, Rtg, ub[:, i], v, acc)
-            _accumulate(k, ak[i], lphb[:, i], v, acc, pG, pM2, cI, mibp)
+        Vl = np.empty((k + 1, B), Rt.dtype)
+        Al = np.empty((k + 1, B), Rt.dtype)
+        _tangent_lanes(k, Rtg, Pt[g], ub, Vl, Al)
+        _accumulate_lanes(k, ak, lphb, Vl, Al, good, c, pG, pM2, cI, mibp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -888,6 +848,8 @@ class Populations:
         # R in the tangent's precision: float32 with float32 histories (docs/theory.md,
         # "Float32 tangent"), else float64
         self.Rt = np.zeros((ng, Kp, Kp), dtype=np.float32 if hd == np.float32 else np.float64)
+        self.Pt = np.zeros((ng, Kp * Kp), dtype=self.Rt.dtype)  # tiles of Rt (_pack_tiles)
+        self.Lt = np.zeros((ng, Kp + 1), dtype=self.Rt.dtype)  # the current row of L, as Rt
         self.u = np.zeros((ntb, Kp, B), dtype=hd)  # tangent blocks only
         self.dB = np.zeros((ntb, Kp, B), dtype=hd)
         self.dC = np.zeros((ntb, Kp, B) if self.kmode == 1 else (1, 1, B), dtype=hd)
@@ -917,6 +879,8 @@ class Populations:
                                            self.rho, self.R, self.b, Gs, ks, Ms, self.m, self.C,
                                            self.L, self._P, self._srow)
         self.Rt[:, k, : k + 1] = self.R[:, k, : k + 1]  # rows < k are final
+        self.Lt[:, : k + 2] = self.L[:, k + 1, : k + 2]  # row k+1: omega_k's coefficients
+        _pack_groups(k, self.Rt, self.Pt)
         nb = len(self.cnt)
         per_traj = 0.5 * k * k * float(self.tsizes.sum()) / float(self.sizes.sum()) + 6.0 * k + 16.0
         chunk = max(1, int(self.CHUNK_WORK / (per_traj * BLOCK)))
@@ -926,11 +890,12 @@ class Populations:
             with parallel_chunksize(PAR_CHUNK):  # dynamic scheduling: robust on shared cores
                 _population_step(k, b0, min(b0 + chunk, nb), self.cnt, self.blk_group,
                                  self.blk_tidx, self.blk_n0, self.keys, self.lcode, self.kmode,
-                                 self.dt, self.delta, self.tau, self.L, self.R, self.Rt, self.z,
+                                 self.dt, self.delta, self.tau, self.L, self.Lt, self.R, self.Rt,
+                                 self.z,
                                  self.hstar, self.y, self.xi, self.u, self.lph, self.dB, self.dC,
                                  self.h,
                                  self.part_s, self.part_G, self.part_M, self.part_M2,
-                                 self.m_estimator == "ibp")
+                                 self.m_estimator == "ibp", self.Pt)
         # reduce partial sums per group, in block order (deterministic)
         k1 = k + 1
         S, Gs, Ms, M2s = self._sums
@@ -1119,11 +1084,15 @@ ENGINE = "dmft-mc"
 #: uncertain by about 1/sqrt(2 (r-1)): 27% for 8, 18% for 16).
 REPLICAS = 8
 MAX_REPLICAS = 16
-#: The replicas together hold samples // REPLICA_DIVISOR trajectories (25% more work for a large
-#: solve), each at least MIN_REPLICA (and at most samples): populations below about 1000
-#: trajectories are noisier than 1/N extrapolates (measured, docs/theory.md), so smaller
-#: replicas would overstate the error of the main population.
-REPLICA_DIVISOR = 4
+#: r = min(MAX_REPLICAS, max(REPLICAS, samples // REPLICA_STEP)) replicas.
+REPLICA_STEP = 4000
+#: The replicas together hold about samples // REPLICA_DIVISOR trajectories (12.5% more work
+#: for a large solve), each at least MIN_REPLICA (and at most samples): populations below about
+#: 1000 trajectories are noisier than 1/N extrapolates (measured, docs/theory.md), so smaller
+#: replicas would overstate the error of the main population; above that the precision of the
+#: se depends on the number of replicas r, not on their size (docs/theory.md, "Standard
+#: errors"), so they are kept small.
+REPLICA_DIVISOR = 8
 MIN_REPLICA = 1000
 #: Field histogram: HIST_BINS equal bins over mean +- HIST_SIGMAS std (the simulator's layout).
 HIST_BINS = 60
@@ -1137,10 +1106,9 @@ def replica_plan(N: int, replicas: int | None = None, divisor: int = REPLICA_DIV
                  min_size: int = MIN_REPLICA):
     """Population sizes: ``[N] + [n_rep] * r`` with ``n_rep = min(N, max(N // (divisor r),
     min_size))`` and, unless ``replicas`` is given, ``r = min(MAX_REPLICAS, max(REPLICAS,
-    N // (divisor min_size)))`` (8 replicas of max(N/32, 1000) up to N = 32000, 16 of
-    max(N/64, 1000) from N = 64000); just ``[N]`` if ``r < 2``."""
-    r = replicas if replicas is not None else min(MAX_REPLICAS,
-                                                  max(REPLICAS, N // (divisor * min_size)))
+    N // REPLICA_STEP))`` (8 replicas below N = 36000, 16 from N = 64000; 1000 trajectories
+    each up to N = 128000, N/128 beyond); just ``[N]`` if ``r < 2``."""
+    r = replicas if replicas is not None else min(MAX_REPLICAS, max(REPLICAS, N // REPLICA_STEP))
     if r < 2:
         return [N]
     n_rep = min(N, max(N // (divisor * r), min_size))
