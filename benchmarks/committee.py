@@ -1,7 +1,7 @@
 """Speed and accuracy of the Monte Carlo DMFT of the committee machine (solver.dmft.committee).
 
 Run:  python benchmarks/committee.py [--quick] [--no-write] [--samples N1,N2] [--seeds S]
-      [--no-plain]
+      [--no-plain] [--spread-at N1,N2]
 
 Configuration (issue #5's benchmark, THEORY.md 5.5 setup): k = k* = 2, erf, v = 1, rho = I,
 q0 = 0.1, m0 = 0.2, square loss, no label noise, lambda = 0, tau = 0.5, delta = 2, T = 10,
@@ -16,8 +16,10 @@ dt = 0.05 (K = 200 steps).
 * Sweep alone (one population of N, no replicas): with the tangent on the engine's subset of
   trajectories (``tangent_fraction_for``) and on all of them (``tangent_fraction=1``), which
   shows what the tangent costs.
-* Seed spread (``--seeds S``, first N): S independent sweeps; their standard deviation of eg at
-  T against the replica standard error the engine printed.
+* Seed spread (``--seeds S`` sweeps at each N of ``--spread-at``, default every N): S
+  independent sweeps; their standard deviation of eg at T against the replica standard error
+  the engine printed (the honest error: the replica se rescales five populations of N/4 by
+  sqrt(1/4), which assumes every variance falls like 1/N).
 * Estimators: the engine's defaults (``init_sampling='qmc_steps'``, kappa ``'stein'``) against
   the plain ones (``'stein'``, ``'mc'``: the engine before the variance
   reduction), same run: the plain engine at every N and its own seed spread (``--no-plain``
@@ -26,8 +28,8 @@ dt = 0.05 (K = 200 steps).
 
 Kernels are compiled (numba cache) before timing. Writes its table into the "Committee
 machines" section of docs/benchmarks.md (between the committee markers) unless --no-write or
---quick. Takes about 4-5 minutes on 2 quiet cores (8.5 with 2 x 8 sweeps on the shared
-machine at load 4-5).
+--quick. Takes about 7 minutes on 2 quiet cores (2 x 12 sweeps at each of N = 8000 and 64000;
+the 64000 sweeps are most of it).
 """
 from __future__ import annotations
 
@@ -87,7 +89,7 @@ def sweep(exp, fraction=None, opts=None):
     frac = dc.tangent_fraction_for(n) if fraction is None else fraction
     pop = dc.Population(exp, n, np.random.SeedSequence(exp.seed).spawn(1)[0],
                         relu_width=dc.relu_width_for(n), tangent_fraction=frac,
-                        **(DEFAULT if opts is None else opts))
+                        hist_dtype=dc.HIST_DTYPE, **(DEFAULT if opts is None else opts))
     for s in range(exp.steps + 1):
         pop.step(s)
     obs = dc._observables(exp, [pop], exp.steps)
@@ -103,11 +105,16 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=None, help="independent sweeps for the spread")
     ap.add_argument("--no-plain", action="store_true",
                     help="skip the plain estimators (stein, mc) used for the comparison")
+    ap.add_argument("--spread-at", help="comma-separated N for the seed spread (default: every "
+                    "N of --samples; each must be one of them)")
     args = ap.parse_args(argv)
     threads = os.environ.get("NUMBA_NUM_THREADS", str(os.cpu_count()))
     Ns = sorted(int(x) for x in
                 (args.samples or ("2000" if args.quick else "8000,64000")).split(","))
     S = args.seeds if args.seeds is not None else (2 if args.quick else 12)
+    spread_at = {int(x) for x in args.spread_at.split(",")} if args.spread_at else set(Ns)
+    if not spread_at <= set(Ns):
+        ap.error("--spread-at: every N must be one of --samples")
     variants = [("plain", PLAIN)] * (not args.no_plain) + [("default", DEFAULT)]
 
     # compile (or load) every kernel on a tiny problem
@@ -132,22 +139,21 @@ def main(argv=None):
                   f"{1e3 * first:.0f} ms, peak RSS {mem:.0f} MB; eg(T) = {eg:.6f} +- {se:.6f} "
                   f"({100 * rel:.2f}%), 0.1% needs N ~ {h['need']:.2g}; load "
                   f"{os.getloadavg()[0]:.1f}", flush=True)
-            if N == Ns[0]:
-                if name == "default":
-                    v1, w1, c1 = sweep(exp)
-                    vf, wf, cf = sweep(exp, 1.0)
-                    h.update(sweep_sub=(w1, c1), sweep_full=(wf, cf))
-                    print(f"N={N}: sweep alone {w1:.1f} s wall / {c1:.1f} s cpu (tangent on "
-                          f"{h['nt']}), {wf:.1f} s / {cf:.1f} s (tangent on all)", flush=True)
-                if S >= 2:
-                    runs = [sweep(config(N, args.quick, seed=s), opts=opts) for s in range(S)]
-                    egs = np.array([r[0]["test_error"] for r in runs])
-                    csw = float(np.mean([r[2] for r in runs]))
-                    sd = float(np.std(egs, ddof=1))
-                    h["spread"] = (sd, S, float(np.mean(egs)), csw)
-                    print(f"{name} N={N}: seed spread of eg(T) over {S} sweeps {sd:.6f} "
-                          f"({100 * sd / np.mean(egs):.2f}%), engine se {se:.6f}; "
-                          f"{csw:.1f} s cpu per sweep", flush=True)
+            if N == Ns[0] and name == "default":
+                v1, w1, c1 = sweep(exp)
+                vf, wf, cf = sweep(exp, 1.0)
+                h.update(sweep_sub=(w1, c1), sweep_full=(wf, cf))
+                print(f"N={N}: sweep alone {w1:.1f} s wall / {c1:.1f} s cpu (tangent on "
+                      f"{h['nt']}), {wf:.1f} s / {cf:.1f} s (tangent on all)", flush=True)
+            if N in spread_at and S >= 2:
+                runs = [sweep(config(N, args.quick, seed=s), opts=opts) for s in range(S)]
+                egs = np.array([r[0]["test_error"] for r in runs])
+                csw = float(np.mean([r[2] for r in runs]))
+                sd = float(np.std(egs, ddof=1))
+                h["spread"] = (sd, S, float(np.mean(egs)), csw)
+                print(f"{name} N={N}: seed spread of eg(T) over {S} sweeps {sd:.6f} "
+                      f"({100 * sd / np.mean(egs):.2f}%), engine se {se:.6f}; "
+                      f"{csw:.1f} s cpu per sweep", flush=True)
             heads.append(h)
     table = render(config(Ns[0], args.quick), heads, threads)
     print(table)
@@ -165,9 +171,10 @@ def render(exp, heads, threads):
              f"the engine's (kappa '{dc.KAPPA_ESTIMATOR}', sampling '{dc.SAMPLING}'), *plain* = "
              "'stein', 'mc' (the engine before the variance reduction). N_t: trajectories of "
              "the main population that carry the tangent (the same fraction in each replica). "
-             "Peak RSS: largest so far in the run (plain runs first). Rerun: "
+             "Peak RSS: largest so far in the run (plain runs first). Per-trajectory "
+             f"histories in {np.dtype(dc.HIST_DTYPE).name} (`committee.HIST_DTYPE`). Rerun: "
              "`NUMBA_NUM_THREADS=2 python benchmarks/committee.py` (both estimator sets at N = "
-             "8000 and 64000, 2 x 12 sweeps at N = 8000: about 4-5 minutes on 2 quiet cores; "
+             "8000 and 64000, 12 sweeps of each at both N: about 7 minutes on 2 quiet cores; "
              "`--no-plain` for the default alone). The variance reduction (QMC draws; the "
              "prose above this table predates it): docs/committee.md, \"Variance reduction\".",
              "",

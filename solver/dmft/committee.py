@@ -60,7 +60,9 @@ from .gaussian import chol_append
 
 ENGINE = "dmft-mc"
 #: Trajectories per block (the unit of parallel work and of the deterministic partial sums).
-BLOCK = 32
+#: 64: with float32 histories the lane loops are 8 AVX2 vectors; a population of 16000 with the
+#: tangent on a quarter ran 1.15-1.28x faster than with 32 (CPU time, 3 alternating runs).
+BLOCK = 64
 #: Independent replica populations for the standard errors, and their size
 #: ``min(N, max(N // REPLICA_DIVISOR, MIN_REPLICA))``. Populations of 500 went unstable at
 #: delta = 1 with a large second layer where those of 1000 and more did not (docs/committee.md).
@@ -94,15 +96,20 @@ KAPPA_ESTIMATOR = "stein"
 #: populations carried a larger O(1/N) bias (not in the replica se): relu, k = k* = 2, tau = 0,
 #: cosine at t = 0.8, mean of 8 solves at N = 2000: 0.7142 +- 0.0009 ('qmc_steps') and
 #: 0.7111 +- 0.0014 ('mc'); 4 solves at N = 16000: 0.7108 +- 0.0007 and 0.7098 +- 0.0007.
+#: ... and up to QMC_MAX_SAMPLES: above N = 16000 the quasi-random error falls more slowly than
+#: 1/sqrt(N) (seed spread of eg 0.46%, 0.45%, 0.37% at N = 16000, 32000, 64000 against plain
+#: MC's 0.49% at 64000), so beyond the measured range the engine uses plain sampling, whose 1/N
+#: law the replica se relies on (docs/committee.md, "Which error figure is right").
 SAMPLING = "auto"
 QMC_MIN_SAMPLES = 8000
+QMC_MAX_SAMPLES = 65536
 
 
 def sampling_for(N: int, init_sampling: str = SAMPLING) -> str:
     """The sampling a population of ``N`` uses ('auto' resolved, see :data:`SAMPLING`)."""
     if init_sampling != "auto":
         return init_sampling
-    return "qmc_steps" if N >= QMC_MIN_SAMPLES else "mc"
+    return "qmc_steps" if QMC_MIN_SAMPLES <= N <= QMC_MAX_SAMPLES else "mc"
 #: Estimators of MM[s, j] = E[dA_s dA_j^T]: 'raw' (the sample mean of dA_s dA_j^T, a Gram
 #: matrix, so the covariance of (h*, omega_0..omega_s) stays positive semi-definite) or
 #: 'dw_average' (dW_s averaged analytically: lower variance, same expectation, but not a Gram
@@ -111,6 +118,14 @@ MM_ESTIMATORS = ("raw", "dw_average", "blend")
 #: 'blend': raw - MM_BETA x (raw - dw_average), a zero-mean control variate with a share
 #: MM_BETA (docs/committee.md).
 MM_BETA = 0.5
+#: Storage of the per-trajectory histories (``z``, ``dA``, ``u``) in the engine (:func:`stream`):
+#: float32 halves the memory traffic of the O(K^2) field and E[dA dA^T] sums (which stream the
+#: histories from memory at every step), every sum is still accumulated in float64, and the
+#: tangent then runs in float32 (a float32 copy of ``R``; twice the SIMD width). Rounding the
+#: stored draws and increments to float32 moves the curves by ~1e-7 relative, far below the
+#: Monte Carlo error (docs/committee.md, "Float32 histories"). :class:`Population` defaults to
+#: float64 (bit-for-bit the section-4 formulas, as the numpy reference test checks).
+HIST_DTYPE = np.float32
 #: Let LLVM fuse multiply-adds (and nothing else) in the tangent loops.
 FMA = {"contract"}
 #: ... and, in the per-trajectory sums over the past (fields, E[l' dA^T]), reassociation too:
@@ -161,16 +176,74 @@ def _initial_normals(rng, n, d, k, how):
         z[:, d - 1] = rng.standard_normal(n)
         z[:, d - 1 - k:d - 1] = rng.standard_normal((n, k))
         return z
+    return _quantile(_sobol_uniforms(rng, n, d))
+
+
+def _sobol_uniforms(rng, n, d):
+    """The first ``n`` points of a scrambled Sobol sequence in ``d`` dimensions (seeded from
+    ``rng``)."""
     import warnings
 
-    from scipy.special import ndtri
     from scipy.stats import qmc
 
     sob = qmc.Sobol(d, scramble=True, seed=rng)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # n need not be a power of 2
-        u = sob.random(n)
+        return sob.random(n)
+
+
+def _quantile(u):
+    """Standard normals from uniforms (clipped away from 0 and 1)."""
+    from scipy.special import ndtri
+
     return ndtri(np.clip(u, 1e-300, 1.0 - 2.0 ** -53))
+
+
+#: "no draws in this call" / "no permutation" for :func:`_population_step`
+_NO_DRAWS = np.empty((0, 1))
+_NO_PERM = np.empty(0, dtype=np.int64)
+
+
+@njit(cache=True, nogil=True)
+def _ndtri(p):
+    """Normal quantile (Wichura's AS 241, PPND16: relative error ~1e-16), for the
+    quasi-random uniforms inside the parallel step; ``p`` clipped as in
+    :func:`_initial_normals`."""
+    p = min(max(p, 1e-300), 1.0 - 2.0 ** -53)
+    q = p - 0.5
+    if abs(q) <= 0.425:
+        r = 0.180625 - q * q
+        return q * (((((((2509.0809287301226727 * r + 33430.575583588128105) * r
+                         + 67265.770927008700853) * r + 45921.953931549871457) * r
+                       + 13731.693765509461125) * r + 1971.5909503065514427) * r
+                     + 133.14166789178437745) * r + 3.387132872796366608) / (
+            ((((((5226.495278852545925 * r + 28729.085735721942674) * r
+                 + 39307.89580009271061) * r + 21213.794301586595867) * r
+               + 5394.1960214247511077) * r + 687.1870074920579083) * r
+             + 42.313330701600911252) * r + 1.0)
+    r = p if q < 0.0 else 1.0 - p
+    r = math.sqrt(-math.log(r))
+    if r <= 5.0:
+        r -= 1.6
+        val = (((((((7.7454501427834140764e-4 * r + 0.0227238449892691845833) * r
+                    + 0.24178072517745061177) * r + 1.27045825245236838258) * r
+                  + 3.64784832476320460504) * r + 5.7694972214606914055) * r
+                + 4.6303378461565452959) * r + 1.42343711074968357734) / (
+            ((((((1.05075007164441684324e-9 * r + 5.475938084995344946e-4) * r
+                 + 0.0151986665636164571966) * r + 0.14810397642748007459) * r
+               + 0.68976733498510000455) * r + 1.6763848301838038494) * r
+             + 2.05319162663775882187) * r + 1.0)
+    else:
+        r -= 5.0
+        val = (((((((2.01033439929228813265e-7 * r + 2.71155556874348757815e-5) * r
+                    + 0.0012426609473880784386) * r + 0.026532189526576123093) * r
+                  + 0.29656057182850489123) * r + 1.7848265399172913358) * r
+                + 5.4637849111641143699) * r + 6.6579046435011037772) / (
+            ((((((2.04426310338993978564e-15 * r + 1.4215117583164458887e-7) * r
+                 + 1.8463183175100546818e-5) * r + 7.868691311456132591e-4) * r
+               + 0.0148753612908506148525) * r + 0.13692988092273580531) * r
+             + 0.59983220655588793769) * r + 1.0)
+    return -val if q < 0.0 else val
 
 
 class Cancelled(Exception):
@@ -414,9 +487,35 @@ def _tangent_block(s, k, c, R, ub, V, acc):
         kp -= 1
 
 
+@njit(cache=True, nogil=True, fastmath=FIELD_FM)
+def _lincomb(coef, rows, nrows, c, out):
+    """``out[l] += sum_{q < nrows} coef[q] rows[q, l]`` for lanes ``l < c``, four rows per pass
+    (one store per lane loop; ``rows`` may be float32, the sum is float64)."""
+    q = 0
+    while q + 4 <= nrows:
+        c0 = coef[q]
+        c1 = coef[q + 1]
+        c2 = coef[q + 2]
+        c3 = coef[q + 3]
+        x0 = rows[q]
+        x1 = rows[q + 1]
+        x2 = rows[q + 2]
+        x3 = rows[q + 3]
+        for l in range(c):
+            out[l] += (c0 * x0[l] + c1 * x1[l]) + (c2 * x2[l] + c3 * x3[l])
+        q += 4
+    while q < nrows:
+        c0 = coef[q]
+        x0 = rows[q]
+        for l in range(c):
+            out[l] += c0 * x0[l]
+        q += 1
+
+
 @njit(cache=True, nogil=True, parallel=True, fastmath=FIELD_FM)
-def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, R, z, hstar, y,
-                     dW, dA, u, h, pG, pM, pE, pS, raw, beta, nbt, kdir, Dw, pK):
+def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, R, Rt, z, hstar,
+                     y, dW, dA, u, h, pG, pM, pE, pS, raw, beta, nbt, kdir, Dw, pK, U, perm,
+                     uniform):
     """Step 4 for the trajectories of blocks ``blk0 .. blk1-1``; per-block partial sums:
     ``pG[ib, m] = sum l''_s chi[s, m]``, ``pM[ib, j] = sum l'_s dA_j^T`` (j < s),
     ``pM[ib, s] = sum l'_s l'_s^T``, ``pE[ib] = sum l'_s h*^T``, ``pS[ib] = (sum loss,
@@ -427,7 +526,12 @@ def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, 
     ``inv_eps[a]``: inverse kernel width for relu's delta mass (unused otherwise).
     Pathwise kappa (``kdir``): ``J_s = dh_s/dh* = -sum_{j<s} R[s, j+1] Dw_j``,
     ``D_s = dl'_s/dh* = l''_s J_s - (v sigma'(h_s)/k) (sigma'(h*)/k*)^T`` (omega held fixed),
-    ``Dw[ib, s, a, c, lane] = D_s w_s``, ``pK[ib] = sum D_s``."""
+    ``Dw[ib, s, a, c, lane] = D_s w_s``, ``pK[ib] = sum D_s``.
+    This step's draws (if ``U`` has rows): trajectory ``i`` takes row ``perm[i]`` of ``U``
+    (row ``i`` if ``perm`` is empty), ``k`` columns for ``omega_s`` (stored in ``z``) and, if
+    ``tau > 0``, one for ``dW_s = sqrt(dt) U[., k]``; standard normals, or uniforms mapped
+    through the normal quantile if ``uniform``. Histories ``z``, ``dA``, ``u`` may be float32
+    (sums in float64); the tangent runs in ``u``'s precision with ``Rt`` (= ``R`` rounded)."""
     n = y.shape[0]
     k = R.shape[2]
     w0 = dt / delta
@@ -435,10 +539,30 @@ def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, 
     r0 = ks + s * k
     blend = (not raw) and beta < 1.0
     ew2 = w0 * w0 + tau * dt / delta
+    fresh = U.shape[0] > 0
+    useperm = perm.shape[0] > 0
+    # coefficients of the memory term, -R[s, j+1, a, e] at j * k + e (the same for all blocks)
+    Rm = np.empty((k, max(s, 1) * k))
+    for a in range(k):
+        for j in range(s):
+            for e in range(k):
+                Rm[a, j * k + e] = -R[s, j + 1, a, e]
+    sqdt = math.sqrt(dt)
     for ib in prange(blk0, blk1):
         i0 = ib * BLOCK
         i1 = min(n, i0 + BLOCK)
         c = i1 - i0
+        if fresh:
+            zd = z[ib]
+            for l in range(c):
+                i = i0 + l
+                src = perm[i] if useperm else i
+                for a in range(k):
+                    x = U[src, a]
+                    zd[r0 + a, l] = _ndtri(x) if uniform else x
+                if tau > 0.0:
+                    x = U[src, k]
+                    dW[i] = sqdt * (_ndtri(x) if uniform else x)
         for mm in range(s + 1):
             for a in range(k):
                 for e in range(k):
@@ -461,21 +585,10 @@ def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, 
         good = np.zeros(BLOCK, dtype=np.bool_)
         # fields of the block's lanes: omega_s (conditional draw), minus the memory term
         H = np.zeros((k, BLOCK))
+        dAf = dAb.reshape((dAb.shape[0] * k, BLOCK))  # rows j * k + e
         for a in range(k):
-            r = r0 + a
-            Ha = H[a]
-            for q in range(r + 1):
-                lq = L[r, q]
-                if lq != 0.0:
-                    zq = zb[q]
-                    for l in range(c):
-                        Ha[l] += lq * zq[l]
-            for j in range(s):
-                for e in range(k):
-                    rr = R[s, j + 1, a, e]
-                    dj = dAb[j, e]
-                    for l in range(c):
-                        Ha[l] -= rr * dj[l]
+            _lincomb(L[r0 + a], zb, r0 + a + 1, c, H[a])
+            _lincomb(Rm[a], dAf, s * k, c, H[a])
         # pathwise kappa: J_s = dh_s/dh* = -sum_{j<s} R[s, j+1] Dw_j   (k x k*, lanes)
         Jm = np.zeros((k, ks, BLOCK))
         Db = Dw[ib if kdir else 0]
@@ -525,8 +638,8 @@ def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, 
                         ub[s, a, e, l] = x * w
                 h[i, a] = H[a, l]
                 dAb[s, a, l] = lpa * w
-                if raw:
-                    F[a, l] = lpa * w
+                if raw:  # the stored (possibly rounded) value: MM stays a Gram matrix
+                    F[a, l] = dAb[s, a, l]
                 elif blend:
                     F[a, l] = lpa * wb
                     Lp[a, l] = lpa
@@ -561,7 +674,27 @@ def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, 
                 for e in range(ks):
                     pE[ib, a, e] += lpa * hstar[i, e]
         # raw: dA_s dA_j^T (j <= s); else l'_s dA_j^T (j < s) and l'_s l'_s^T
-        for j in range(s + 1):
+        if k == 2 and not blend:  # the past for both components in one pass
+            F0 = F[0]
+            F1 = F[1]
+            for j in range(s):
+                d0 = dAb[j, 0]
+                d1 = dAb[j, 1]
+                x00 = 0.0
+                x01 = 0.0
+                x10 = 0.0
+                x11 = 0.0
+                for l in range(c):
+                    if good[l]:
+                        x00 += F0[l] * d0[l]
+                        x01 += F0[l] * d1[l]
+                        x10 += F1[l] * d0[l]
+                        x11 += F1[l] * d1[l]
+                pM[ib, j, 0, 0] = x00
+                pM[ib, j, 0, 1] = x01
+                pM[ib, j, 1, 0] = x10
+                pM[ib, j, 1, 1] = x11
+        for j in range(s if k == 2 and not blend else 0, s + 1):
             for a in range(k):
                 Fa = F[a]
                 for e in range(k):
@@ -584,9 +717,9 @@ def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, 
         if not tang:
             continue
         # tangent rows chi[s, :] of the block's lanes, then G samples l''_s chi[s, m]
-        V = np.empty((s + 1, k, k, BLOCK))
-        acc = np.empty((s + 1, k, k, BLOCK))
-        _tangent_block(s, k, c, R, ub, V, acc)
+        V = np.empty((s + 1, k, k, BLOCK), dtype=ub.dtype)
+        acc = np.empty((s + 1, k, k, BLOCK), dtype=ub.dtype)
+        _tangent_block(s, k, c, Rt, ub, V, acc)
         for l in range(c):
             if not good[l]:
                 for a in range(k):
@@ -601,6 +734,19 @@ def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, 
                             if good[l]:
                                 x += app[a, f, l] * V[mm, f, e, l]
                     pG[ib, mm, a, e] = x
+
+
+@njit(cache=True, nogil=True)
+def _block_sum(p, nrows, s):
+    """``p[:nrows, :s+1].sum(axis=0)`` (blocks added in order, as numpy does; no temporary)."""
+    k = p.shape[2]
+    out = np.zeros((s + 1, k, k))
+    for ib in range(nrows):
+        for mm in range(s + 1):
+            for a in range(k):
+                for e in range(k):
+                    out[mm, a, e] += p[ib, mm, a, e]
+    return out
 
 
 @njit(cache=True, nogil=True)
@@ -621,7 +767,7 @@ class Population:
 
     def __init__(self, exp, n, seed_seq, kappa_mode="full", mm_estimator="raw",
                  relu_width=None, tangent_fraction=1.0, kappa_estimator="stein",
-                 init_sampling="mc", mm_beta=None):
+                 init_sampling="mc", mm_beta=None, hist_dtype=np.float64):
         if kappa_mode not in KAPPA_MODES:
             raise ValueError(f"kappa_mode must be one of {KAPPA_MODES}")
         if mm_estimator not in MM_ESTIMATORS:
@@ -638,6 +784,10 @@ class Population:
             mm_estimator, float(MM_BETA if mm_beta is None else mm_beta))
         if not 0.0 <= self.mm_beta <= 1.0:
             raise ValueError("mm_beta must lie in [0, 1]")
+        #: storage of the per-trajectory histories z, dA, u (float32: :data:`HIST_DTYPE`)
+        self.hist_dtype = hd = np.dtype(hist_dtype)
+        if hd not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise ValueError("hist_dtype must be float32 or float64")
         self.n = n = int(n)
         self.k = k = int(exp.k)
         self.ks = ks = int(exp.kstar)
@@ -654,6 +804,8 @@ class Population:
         self.dt, self.lam, self.delta, self.tau = float(exp.dt), float(exp.lam), float(exp.delta), float(exp.tau)
         Kp = K + 1
         self.R = np.zeros((Kp, Kp, k, k))
+        #: R in the tangent's precision (the histories')
+        self.Rt = self.R if hd == np.float64 else np.zeros((Kp, Kp, k, k), dtype=hd)
         self.G = np.zeros((Kp, Kp, k, k))
         self.C = np.zeros((Kp, Kp, k, k))
         self.MM = np.zeros((Kp, Kp, k, k))
@@ -674,7 +826,7 @@ class Population:
         nb = -(-n // BLOCK)
         #: per-trajectory histories in lane layout: ``z[ib, q, lane]``, ``dA[ib, j, a, lane]``
         #: (trajectory ``ib * BLOCK + lane``; :meth:`z_of`, :meth:`dA_of` give one trajectory's)
-        self.z = np.zeros((nb, D, BLOCK))
+        self.z = np.zeros((nb, D, BLOCK), dtype=hd)
         #: the draws that stay fixed for the whole sweep: h*, omega_0 and the label noise
         #: (k* + k + 1 standard normals per trajectory); 'qmc': a scrambled Sobol sequence
         self.init_sampling = init_sampling
@@ -686,12 +838,12 @@ class Population:
         eps = np.ascontiguousarray(self._init[:, ks + k])
         self.y = np.empty(n)
         _teacher_labels(self.code, self.hstar, eps, float(exp.noise), self.y)
-        self.dA = np.zeros((nb, Kp, k, BLOCK))
+        self.dA = np.zeros((nb, Kp, k, BLOCK), dtype=hd)
         #: the tangent (the O(N K^3) part) runs on the first nbt blocks only (G is then the mean
         #: over their n_tangent trajectories: unbiased, noisier; tangent_fraction < 1)
         self.nbt = min(nb, max(1, int(math.ceil(float(tangent_fraction) * n / BLOCK))))
         self.n_tangent = min(n, self.nbt * BLOCK)
-        self.u = np.zeros((self.nbt, Kp, k, k, BLOCK))
+        self.u = np.zeros((self.nbt, Kp, k, k, BLOCK), dtype=hd)
         self.h = np.zeros((n, k))
         self.dW = np.zeros(n)
         self.pG = np.zeros((nb, Kp, k, k))
@@ -712,21 +864,35 @@ class Population:
         assert s == self.s + 1
         k, ks, n = self.k, self.ks, self.n
         _advance(s, self.dt, self.lam, self.R, self.b, self.G, self.kappa)
+        if self.Rt is not self.R:
+            self.Rt[s, : s + 1] = self.R[s, : s + 1]
         _correlate(s, self.delta, self.Q0, self.M0, self.rho, self.R, self.b, self.MM, self.m,
                    self.C, self._P)
         self.zero_pivots += _chol_rows(s, ks, self.m, self.C, self.L, self._srow)
         r0 = ks + s * k
-        if self.init_sampling == "qmc_steps":
-            d = k + (1 if self.tau > 0 else 0)
-            zs = _initial_normals(self.rng, n, d, 0, "qmc")[self.rng.permutation(n)]
-            self._put_z(r0, self._init[:, ks:ks + k] if s == 0 else zs[:, :k])
+        # this step's draws (omega_s: k normals, dW_s: one if tau > 0), in the order of the
+        # generator's stream; mapped and stored by the parallel step (U, perm)
+        d = k + (1 if self.tau > 0 else 0)
+        perm = _NO_PERM
+        uniform = self.init_sampling == "qmc_steps"
+        if uniform:  # scrambled Sobol uniforms, randomly permuted over the trajectories
+            U = _sobol_uniforms(self.rng, n, d)
+            perm = self.rng.permutation(n)
+        elif s == 0:  # omega_0 is in _init; dW_0 from the generator
+            U = np.empty((n, d))
             if self.tau > 0:
-                self.dW[:] = math.sqrt(self.dt) * zs[:, k]
+                U[:, k] = self.rng.standard_normal(n)
         else:
-            self._put_z(r0, self._init[:, ks:ks + k] if s == 0
-                        else self.rng.standard_normal((n, k)))
+            U = np.empty((n, d))
+            U[:, :k] = self.rng.standard_normal((n, k))
             if self.tau > 0:
-                self.dW[:] = math.sqrt(self.dt) * self.rng.standard_normal(n)
+                U[:, k] = self.rng.standard_normal(n)
+        if s == 0:  # omega_0: the reused initial draws (normals), stored here
+            self._put_z(r0, self._init[:, ks:ks + k])
+            if self.tau > 0:
+                x = U[perm, k] if uniform else U[:, k]
+                self.dW[:] = math.sqrt(self.dt) * (_quantile(x) if uniform else x)
+            U, perm = _NO_DRAWS, _NO_PERM
         inv_eps = np.zeros(k)
         if self.code == RELU:
             for a in range(k):
@@ -741,13 +907,13 @@ class Population:
             # dynamic scheduling: the tangent blocks come first and cost far more
             with parallel_chunksize(1):
                 _population_step(b0, min(nb, b0 + chunk), s, ks, self.code, self.v, self.dt,
-                                 self.delta, self.tau, inv_eps, self.L, self.R, self.z,
-                                 self.hstar, self.y, self.dW, self.dA, self.u, self.h, self.pG,
-                                 self.pM, self.pE, self.pS, self.mm_estimator == "raw",
+                                 self.delta, self.tau, inv_eps, self.L, self.R, self.Rt,
+                                 self.z, self.hstar, self.y, self.dW, self.dA, self.u, self.h,
+                                 self.pG, self.pM, self.pE, self.pS, self.mm_estimator == "raw",
                                  self.mm_beta, self.nbt, self.kappa_estimator == "pathwise",
-                                 self.Dw, self.pK)
-        Grow = self.pG[: self.nbt, : s + 1].sum(axis=0) / self.n_tangent
-        Mrow = self.pM[:, : s + 1].sum(axis=0) / n
+                                 self.Dw, self.pK, U, perm, uniform)
+        Grow = _block_sum(self.pG, self.nbt, s) / self.n_tangent
+        Mrow = _block_sum(self.pM, nb, s) / n
         if self.mm_estimator != "raw" and self.mm_beta >= 1.0:  # dw_average
             Mrow[:s] *= self.dt / self.delta
             Mrow[s] *= (self.dt / self.delta) ** 2 + self.tau * self.dt / self.delta
@@ -851,7 +1017,8 @@ def stream(exp, cancel=None, replicas: int = REPLICAS, divisor: int = REPLICA_DI
            min_replica: int = MIN_REPLICA, kappa_mode: str = "full", mm_estimator: str = "raw",
            kernels: bool = True, relu_width: float | None = None,
            tangent_fraction: float | None = None, kappa_estimator: str = KAPPA_ESTIMATOR,
-           init_sampling: str = SAMPLING, mm_beta: float | None = None):
+           init_sampling: str = SAMPLING, mm_beta: float | None = None,
+           hist_dtype=HIST_DTYPE):
     """Monte Carlo DMFT of the committee (engine 'dmft-mc'): one Snapshot per recording step
     (every ``exp.record_every`` grid steps, and the last), yielded as soon as it is solved.
 
@@ -863,7 +1030,8 @@ def stream(exp, cancel=None, replicas: int = REPLICAS, divisor: int = REPLICA_DI
     main population diverges; ConfigError for a non-committee model. ``relu_width``: relu
     kernel width relative to the field's scale (default :func:`relu_width_for` of N, the same
     in every population); ``tangent_fraction``: share of each population that carries the
-    tangent (default :func:`tangent_fraction_for` of N)."""
+    tangent (default :func:`tangent_fraction_for` of N); ``hist_dtype``: storage of the
+    per-trajectory histories (:data:`HIST_DTYPE`; ``np.float64`` for the old engine)."""
     from ..snapshot import Snapshot, SolverError
 
     check(exp)
@@ -874,10 +1042,16 @@ def stream(exp, cancel=None, replicas: int = REPLICAS, divisor: int = REPLICA_DI
     # estimates the main population's Monte Carlo error (the kernel's bias is not in it)
     width = relu_width if relu_width is not None else relu_width_for(sizes[0])
     frac = tangent_fraction if tangent_fraction is not None else tangent_fraction_for(sizes[0])
-    init_sampling = sampling_for(sizes[0], init_sampling)  # one choice for every population
+    init_sampling = sampling_for(sizes[0], init_sampling)
+    # The replicas draw i.i.d. normals ('mc') whatever the main population uses: the rescaled
+    # replica spread is then the plain Monte Carlo error at N, whose 1/N law holds, and an upper
+    # bound of the quasi-random error (measured: the spread of 'qmc_steps' solves, 0.71% and
+    # 0.37% at N = 8000 and 64000, below plain MC's 1.18% and 0.49%, falls more slowly than
+    # 1/sqrt(N) above N = 16000, so rescaling quasi-random replicas of N/4 understated it, 0.15%
+    # reported at N = 64000; docs/committee.md "Which error figure is right").
     pops = [Population(exp, n, sq, kappa_mode, mm_estimator, width, frac, kappa_estimator,
-                       init_sampling, mm_beta)
-            for n, sq in zip(sizes, seqs)]
+                       init_sampling if g == 0 else "mc", mm_beta, hist_dtype)
+            for g, (n, sq) in enumerate(zip(sizes, seqs))]
     alive = np.ones(len(pops), dtype=bool)
     scale = math.sqrt(sizes[-1] / sizes[0]) if len(sizes) > 1 else math.nan
     for s in range(K + 1):

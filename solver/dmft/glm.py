@@ -848,7 +848,8 @@ class Populations:
         # R in the tangent's precision: float32 with float32 histories (docs/theory.md,
         # "Float32 tangent"), else float64
         self.Rt = np.zeros((ng, Kp, Kp), dtype=np.float32 if hd == np.float32 else np.float64)
-        self.Pt = np.zeros((ng, Kp * Kp), dtype=self.Rt.dtype)  # tiles of Rt (_pack_tiles)
+        # tiles of Rt (_pack_tiles: at most (k+1)^2/2 values at step k)
+        self.Pt = np.zeros((ng, Kp * Kp // 2 + TILE * Kp), dtype=self.Rt.dtype)
         self.Lt = np.zeros((ng, Kp + 1), dtype=self.Rt.dtype)  # the current row of L, as Rt
         self.u = np.zeros((ntb, Kp, B), dtype=hd)  # tangent blocks only
         self.dB = np.zeros((ntb, Kp, B), dtype=hd)
