@@ -92,6 +92,72 @@ def widget_for(exp: Experiment, name: str):
                                                      sizing_mode="stretch_width", **kw)
 
 
+#: ``SGF_DMFT_WIDGETS_ON_LOOP=0`` sends the sidebar's edits through Panel's thread pool again.
+WIDGETS_ON_LOOP_ENV = "SGF_DMFT_WIDGETS_ON_LOOP"
+
+
+def handle_on_loop(*roots, debounce_ms: int | None = 0) -> int:
+    """Process the browser's edits of every widget under ``roots`` on the server's event loop,
+    within the callback that received them, instead of in Panel's ``--num-threads`` pool.
+
+    With a thread pool, Panel handles a widget edit in four hops: a debounced (50 ms) callback
+    on the loop that waits for the session's document lock, a pool thread that runs the param
+    watchers, a next-tick callback that waits for the lock again to change the dependent
+    models, then the write. Under load every hop waits behind the other sessions' callbacks
+    and the GIL (10 browser sessions: 0.5-3 s server side for ~10 ms of watcher CPU,
+    docs/deploy.md "Load test"). For cheap watchers (the Experiment's parameters: a text
+    readout, the URL, widget visibility) this runs them as Panel does without a pool: one
+    locked callback, the dependent update written at once. Widgets whose watchers are slow
+    (rebuilding plots) must not be passed. ``debounce_ms`` replaces Panel's 50 ms debounce of
+    the change (None keeps it; typed values arrive once, on Enter or blur). Returns the number
+    of widgets changed; none with ``SGF_DMFT_WIDGETS_ON_LOOP=0``.
+    """
+    import os
+    import types
+
+    if os.environ.get(WIDGETS_ON_LOOP_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return 0
+    n = 0
+    for root in roots:
+        for w in root.select(pn.widgets.Widget):
+            if "_change_coroutine" in vars(w):
+                continue
+            w._change_coroutine = types.MethodType(_loop_change_coroutine, w)
+            if debounce_ms is not None and not isinstance(
+                    w, (pn.widgets.FloatSlider, pn.widgets.IntSlider)):  # dragged: debounced
+                w._debounce = debounce_ms
+            n += 1
+    return n
+
+
+async def _loop_change_coroutine(self, doc, event_id=None):
+    """Panel 1.9's ``Syncable._change_coroutine`` without the thread pool."""
+    from panel.io.state import set_curdoc, state
+
+    if event_id is not None:  # the change may have been processed already (Panel's check)
+        callbacks = state._change_callbacks.get(doc, {})
+        if event_id not in callbacks:
+            return
+        del callbacks[event_id]
+        if not callbacks and doc in state._change_callbacks:
+            del state._change_callbacks[doc]
+    # the document is held while the watchers run, so that the updates are written by Bokeh
+    # at the end of this (locked) callback, in the socket's write order; without the hold
+    # Panel's ``unlocked()`` writes them itself, or, while the socket is busy, polls every
+    # 10 ms for a free moment, which under load took up to 0.65 s more
+    held = doc.callbacks.hold_value is not None
+    with set_curdoc(doc):
+        if not held:
+            doc.hold("combine")
+        try:
+            self._change_event(doc)
+        except Exception as e:  # noqa: BLE001 - reported as Panel reports them
+            state._handle_exception(e)
+        finally:
+            if not held:
+                doc.unhold()
+
+
 def list_text(values) -> str:
     """A list of numbers as the text a TextInput shows: [1.0, 0.5] -> '1,0.5'."""
     return ",".join(f"{float(x):g}" for x in values)

@@ -23,8 +23,8 @@ from solver.config import ConfigError, Experiment
 
 from . import cleanup, draw, export, plots, presets
 from .about import about_panel
-from .controls import (COMMITTEE_ONLY, GROUPS, URL_PARAMS, horizon_text, inner_widget,
-                       list_text, matrix_text, parse_matrix, widget_for)
+from .controls import (COMMITTEE_ONLY, GROUPS, URL_PARAMS, handle_on_loop, horizon_text,
+                       inner_widget, list_text, matrix_text, parse_matrix, widget_for)
 from .pool import CapError, check_caps
 from .runner import Runner, draw_pacer
 from .store import SIMS, THEORY, Store, plan_jobs
@@ -173,6 +173,8 @@ class Dashboard(pn.viewable.Viewer):
                                        sizing_mode="stretch_width", margin=(4, 4)))
         exp.param.watch(self._on_exp_change, list(exp.param))
         self._update_relevance()
+        # edits of the Experiment's widgets (cheap watchers) are handled on the event loop
+        handle_on_loop(*self.param_widgets.values())
 
         # plot controls
         self.xaxis_widget = pn.widgets.RadioButtonGroup(

@@ -33,6 +33,10 @@ CAPS = {
 }
 WORKERS_ENV = "SGF_DMFT_WORKERS"
 DEFAULT_WORKERS = 2
+#: nice increment of the compute threads (workers, their numba and simulation threads, the
+#: kernel warm-up); 0 keeps them at the server's priority.
+NICE_ENV = "SGF_DMFT_WORKER_NICE"
+DEFAULT_NICE = 10
 
 
 class CapError(ConfigError):
@@ -193,6 +197,7 @@ class Pool:
                 self._finish(t, ran=False)
 
     def _work(self) -> None:
+        lower_priority()
         while True:
             t = self._take()
             if t is None:
@@ -216,6 +221,33 @@ class Pool:
                 log.exception("pool on_drop failed")
         t.state = "done"
         t.done.set()
+
+
+def lower_priority(increment: int | None = None) -> bool:
+    """Lower the calling thread's CPU priority by ``increment`` (default ``$SGF_DMFT_WORKER_NICE``,
+    10), for the compute threads: the threads it starts later (numba's, the simulations') inherit
+    it. On a loaded server the event loop thread (and Panel's, at the normal priority) then gets a
+    core first when a browser event arrives, while the runs still use every idle cycle. Linux
+    (``setpriority`` of a thread id); False where not supported or not raised."""
+    if increment is None:
+        raw = os.environ.get(NICE_ENV, "").strip()
+        try:
+            increment = int(raw) if raw else DEFAULT_NICE
+        except ValueError:
+            log.warning("%s=%r is not an integer: using %s", NICE_ENV, raw, DEFAULT_NICE)
+            increment = DEFAULT_NICE
+    if increment <= 0 or not hasattr(os, "setpriority"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        now = os.getpriority(os.PRIO_PROCESS, tid)
+        target = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + increment)
+        if now >= target:
+            return False
+        os.setpriority(os.PRIO_PROCESS, tid, target)  # Linux: this thread only
+        return True
+    except (OSError, AttributeError):
+        return False
 
 
 _SHARED: Pool | None = None

@@ -16,7 +16,10 @@ a free one), then with a headless chromium (Playwright; ``/usr/bin/chromium`` or
    dependent text (the "epochs / SGD steps / n = δd" line); the best place in the server's
    queue each session's status line showed is recorded. Measured: every run completes ("Done
    in"), the time to completion, the widget latencies, server threads and RSS before, peak
-   (sampled every 0.2 s) and after the sessions are closed and destroyed;
+   (sampled every 0.2 s) and after the sessions are closed and destroyed. Each widget latency
+   is also split into ``typing`` (Playwright's ``fill``, which waits for a busy page to render
+   the input stably) and ``response``, from the end of the typing (the value is committed) to
+   the text seen;
 3. ``--cycles`` open/close cycles (a page loads the dashboard, then closes): threads and RSS
    after they are destroyed, against the baseline.
 
@@ -29,6 +32,11 @@ least time any browser event waits), each while the pages load and while the run
 
 Bounded: at most 40 sessions and 500 cycles; every wait has a timeout and the whole run stops
 at ``--timeout`` seconds; the server is killed (its process group) on exit.
+
+``--trace`` (diagnosis; slows the server a little) also sets ``SGF_DMFT_LATENCY_TRACE``: the
+stages of each widget change on the server and the tasks of Panel's thread pool are summarised
+(``stages_ms_*``, ``pool_*``, ``slow_sends_*``), and every thread's Python stack is sampled
+every 20 ms into ``<latency_log>.prof.json`` (the log is kept; its path is in the output).
 """
 from __future__ import annotations
 
@@ -111,7 +119,8 @@ class Sampler:
         self._th.join(5)
 
 
-def start_server(port: int, latency_log: str | None = None) -> subprocess.Popen:
+def start_server(port: int, latency_log: str | None = None,
+                 trace: bool = False) -> subprocess.Popen:
     cmd = dockerfile_cmd()
     exe = Path(sys.executable).parent / cmd[0]
     if not exe.exists():
@@ -123,6 +132,8 @@ def start_server(port: int, latency_log: str | None = None) -> subprocess.Popen:
     env.setdefault("NUMBA_NUM_THREADS", "2")
     if latency_log:
         env["SGF_DMFT_LATENCY_LOG"] = latency_log
+        if trace:
+            env["SGF_DMFT_LATENCY_TRACE"] = "1"
     log = open(ROOT / "test-results" / "load-server.log", "w") if (
         ROOT / "test-results").is_dir() else subprocess.DEVNULL
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -173,13 +184,37 @@ def latency_summary(path: str, windows: dict) -> dict:
     if live:  # Dashboards alive after the server's last garbage collection
         out["live_dashboards_last"] = live[-1]["dashboards"]
         out["live_dashboards_max"] = max(r["dashboards"] for r in live)
+    def stats(ms):
+        ms = sorted(ms)
+        return {"median": statistics.median(ms), "p90": ms[int(0.9 * (len(ms) - 1))],
+                "max": ms[-1], "n": len(ms)}
+
     for name, (t0, t1) in windows.items():
         for kind, label in (("ws", "server_ws_ms"), ("lag", "loop_lag_ms")):
-            ms = sorted(r["ms"] for r in rows if r["kind"] == kind and t0 <= r["t"] <= t1)
+            ms = [r["ms"] for r in rows if r["kind"] == kind and t0 <= r["t"] <= t1]
             if ms:
-                out[f"{label}_{name}"] = {"median": statistics.median(ms),
-                                          "p90": ms[int(0.9 * (len(ms) - 1))],
-                                          "max": ms[-1], "n": len(ms)}
+                out[f"{label}_{name}"] = stats(ms)
+        # --trace: stages of the widget change (ms after the message arrived) and the tasks
+        # of Panel's thread pool (app/setup.py _install_stage_trace)
+        st = [r for r in rows if r["kind"] == "stage" and t0 <= r["t"] <= t1]
+        if st:
+            keys = sorted({k for r in st for k in r} - {"kind", "t"})
+            out[f"stages_ms_{name}"] = {k: stats([r[k] for r in st if k in r]) for k in keys}
+        sends = [r for r in rows if r["kind"] == "send" and t0 <= r["t"] <= t1]
+        if sends:  # writes that waited >= 5 ms for the browser to read
+            out[f"slow_sends_{name}"] = dict(stats([r["ms"] for r in sends]),
+                                             total_s=round(sum(r["ms"] for r in sends) / 1e3, 2))
+        pool = [r for r in rows if r["kind"] == "pool" and t0 <= r["t"] <= t1]
+        if pool:
+            by: dict = {}
+            for r in pool:
+                by.setdefault(r["fn"], []).append(r)
+            out[f"pool_{name}"] = {
+                fn: {"n": len(rs), "run_ms_sum": round(sum(r["ms"] for r in rs), 1),
+                     "cpu_ms_sum": round(sum(r["cpu_ms"] for r in rs), 1),
+                     "run_ms": stats([r["ms"] for r in rs]),
+                     "wait_ms": stats([r["wait_ms"] for r in rs])}
+                for fn, rs in by.items()}
     return out
 
 
@@ -191,14 +226,22 @@ async def open_page(browser, url: str, timeout_ms: int = 120_000):
     return ctx, page
 
 
-async def widget_latency(page, delta: float) -> float:
-    """Seconds from typing delta into its input to the page showing the new n = δd."""
+async def widget_latency(page, delta: float, marks: list | None = None) -> float:
+    """Seconds from typing delta into its input to the page showing the new n = δd.
+    ``marks`` gets the wall-clock times (time.time()) of the start, the end of the typing and
+    of Enter, and the text seen (to set against the server's log)."""
     n = max(1, int(round(delta * D_SMALL)))
     box = page.locator("input.bk-input").first
     t0 = time.perf_counter()
+    w = [time.time()]
     await box.fill(f"{delta:g}")
+    w.append(time.time())
     await box.press("Enter")
+    w.append(time.time())
     await page.get_by_text(f"n = δd = {n:,} samples").first.wait_for(timeout=60_000)
+    w.append(time.time())
+    if marks is not None:
+        marks.append([round(x, 3) for x in w])
     return time.perf_counter() - t0
 
 
@@ -215,7 +258,8 @@ async def one_session(browser, base: str, i: int, start: asyncio.Event, ready: l
         for k, delta in enumerate((3.0, 2.0)):
             await asyncio.sleep(0.5 + 0.3 * (i % 4))
             done = await page.get_by_text("Done in").count() > 0
-            rec["latencies_s"].append(await widget_latency(page, delta))
+            rec["latencies_s"].append(await widget_latency(page, delta,
+                                                           rec.setdefault("marks", [])))
             rec["during_run"].append(not done)
         deadline = time.monotonic() + run_timeout_s
         while time.monotonic() < deadline:
@@ -250,7 +294,7 @@ async def main_async(args) -> dict:
 
     lat_log = tempfile.NamedTemporaryFile(prefix="sgf-latency-", suffix=".jsonl",
                                           delete=False).name
-    proc = start_server(port, lat_log)
+    proc = start_server(port, lat_log, trace=args.trace)
     windows: dict = {}
     res["command"] = " ".join(dockerfile_cmd())
     t_all = time.monotonic()
@@ -291,6 +335,11 @@ async def main_async(args) -> dict:
             after, waited = await settle(pid, base_st["threads"] + 2, timeout=90.0)
             res["after_sessions"] = dict(after, settle_s=round(waited, 1))
             lat = [x for r in recs for x, d in zip(r["latencies_s"], r["during_run"]) if d]
+            # split: typing (Playwright's fill, which waits for the busy page) and the response
+            # from the end of the typing (the value is committed) to the text seen
+            marks = [m for r in recs for m, d in zip(r.get("marks", []), r["during_run"]) if d]
+            typing = [m[1] - m[0] for m in marks]
+            resp = [m[3] - m[1] for m in marks]
             res["runs"] = {
                 "completed": sum(bool(r.get("done")) for r in recs),
                 "run_s_median": statistics.median(r["run_s"] for r in recs if "run_s" in r),
@@ -299,13 +348,16 @@ async def main_async(args) -> dict:
                 "latency_during_runs_n": len(lat),
                 "latency_s_median": statistics.median(lat) if lat else None,
                 "latency_s_max": max(lat) if lat else None,
+                "typing_s_median": statistics.median(typing) if typing else None,
+                "response_s_median": statistics.median(resp) if resp else None,
+                "response_s_max": max(resp) if resp else None,
             }
             res["per_session"] = sorted(recs, key=lambda r: r["session"])
-            # 3. open/close cycles, five at a time
+            # 3. open/close cycles, --batch (5) at a time
             t0 = time.monotonic()
             done_cycles = 0
             while done_cycles < args.cycles and time.monotonic() - t_all < args.timeout:
-                n = min(5, args.cycles - done_cycles)
+                n = min(args.batch, args.cycles - done_cycles)
                 pages = await asyncio.gather(*[open_page(browser, base + "/")
                                                for _ in range(n)])
                 for ctx, _ in pages:
@@ -326,10 +378,14 @@ async def main_async(args) -> dict:
             except ProcessLookupError:
                 pass
     res["server_latency"] = latency_summary(lat_log, windows)
-    try:
-        os.unlink(lat_log)
-    except OSError:
-        pass
+    if args.trace:  # the rows stay for a closer look
+        res["latency_log"] = lat_log
+        res["windows"] = windows
+    else:
+        try:
+            os.unlink(lat_log)
+        except OSError:
+            pass
     res["total_s"] = round(time.monotonic() - t_all, 1)
     return res
 
@@ -340,9 +396,16 @@ def main(argv=None) -> int:
     ap.add_argument("--cycles", type=int, default=50)
     ap.add_argument("--timeout", type=float, default=900.0, help="overall bound, seconds")
     ap.add_argument("--json", default=None, help="write the figures here")
+    ap.add_argument("--batch", type=int, default=5,
+                    help="pages opened at once in the open/close cycles (1 with "
+                         "PYTHONTRACEMALLOC, whose slow page builds time out in batches)")
+    ap.add_argument("--trace", action="store_true",
+                    help="also time the stages of each widget change and Panel's thread-pool "
+                         "tasks (SGF_DMFT_LATENCY_TRACE, app/setup.py)")
     args = ap.parse_args(argv)
     args.sessions = max(1, min(MAX_SESSIONS, args.sessions))
     args.cycles = max(0, min(MAX_CYCLES, args.cycles))
+    args.batch = max(1, min(10, args.batch))
     res = asyncio.run(asyncio.wait_for(main_async(args), args.timeout + 120))
     text = json.dumps(res, indent=1, default=float)
     print(text)
