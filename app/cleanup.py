@@ -5,8 +5,21 @@
 """
 from __future__ import annotations
 
+import gc
 import os
 import threading
+
+
+def count_live(cls) -> int:
+    """Objects of ``cls`` the garbage collector tracks (a dead ``weakref.proxy`` among them
+    raises ReferenceError on ``isinstance``: it is not a live object, so it is skipped)."""
+    n = 0
+    for o in gc.get_objects():
+        try:
+            n += isinstance(o, cls)
+        except ReferenceError:
+            pass
+    return n
 
 
 def release(*views) -> int:
@@ -43,7 +56,6 @@ def collect_soon(delay: float = 5.0) -> None:
     closed sessions).
     """
     global _gc_timer
-    import gc
 
     def run():
         global _gc_timer
@@ -58,7 +70,7 @@ def collect_soon(delay: float = 5.0) -> None:
 
             from app.dashboard import Dashboard
 
-            live = sum(isinstance(o, Dashboard) for o in gc.get_objects())
+            live = count_live(Dashboard)
             with open(log_path, "a") as fh:
                 fh.write(json.dumps({"kind": "live", "t": round(time.time(), 3),
                                      "dashboards": live}) + "\n")

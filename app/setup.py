@@ -197,7 +197,6 @@ def _start_stack_sampler(out: str, period: float = 0.02) -> None:
                         seen.add(lab)
                         rec["incl"][lab] += 1
                     f = f.f_back
-                th = threads.get(ident)
                 try:
                     clk = cpu_clocks.get(ident)
                     if clk is None:

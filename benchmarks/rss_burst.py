@@ -62,7 +62,7 @@ def settle(wait):
     cleanup.trim()
     time.sleep(1)
     from app.dashboard import Dashboard
-    return sum(isinstance(o, Dashboard) for o in gc.get_objects())
+    return cleanup.count_live(Dashboard)
 print("start", round(rss()), flush=True)
 get()
 get()

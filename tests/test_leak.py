@@ -36,10 +36,11 @@ def live_counts() -> dict:
     from holoviews.core.options import Store
     from panel.links import Callback
 
+    from app.cleanup import count_live
     from app.dashboard import Dashboard
 
     gc.collect()
-    return {"dashboards": sum(isinstance(o, Dashboard) for o in gc.get_objects()),
+    return {"dashboards": count_live(Dashboard),
             "links": len(Callback.registry),
             "streams": len(hv.streams.Stream.registry),
             "option_trees": len(Store._custom_options.get("bokeh", {}))}

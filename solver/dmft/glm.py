@@ -576,7 +576,7 @@ def _loss3(code, h, y):
 
 @njit(cache=True, nogil=True, parallel=True)
 def _population_step(k, blk0, blk1, cnt, blk_group, blk_tidx, blk_n0, keys, lcode, kmode, dt,
-                     delta, tau, L, Lt, R, Rt, z, hstar, y, xi, u, lph, dB, dC, h, part_s, part_G,
+                     delta, tau, L, Lt, Rt, z, hstar, y, xi, u, lph, dB, dC, h, part_s, part_G,
                      part_M, part_M2, mibp, Pt):
     """Step 4 for blocks ``blk0 .. blk1-1``: fields, increments, tangent row, and per-block
     partial sums: ``part_s`` = (loss, l' h*, a, #non-finite, kappa sample), ``part_G`` =
@@ -632,8 +632,6 @@ def _population_step(k, blk0, blk1, cnt, blk_group, blk_tidx, blk_n0, keys, lcod
         km = kmode if tan else 0  # the kappa paths run with the tangent only
         it = max(it, 0)
         Lr = L[g, k + 1]
-        Rg = R[g]
-        Rk = Rg[k]
         ps = part_s[ib]
         pG = part_G[ib]
         pM = part_M[ib]
@@ -891,8 +889,7 @@ class Populations:
             with parallel_chunksize(PAR_CHUNK):  # dynamic scheduling: robust on shared cores
                 _population_step(k, b0, min(b0 + chunk, nb), self.cnt, self.blk_group,
                                  self.blk_tidx, self.blk_n0, self.keys, self.lcode, self.kmode,
-                                 self.dt, self.delta, self.tau, self.L, self.Lt, self.R, self.Rt,
-                                 self.z,
+                                 self.dt, self.delta, self.tau, self.L, self.Lt, self.Rt, self.z,
                                  self.hstar, self.y, self.xi, self.u, self.lph, self.dB, self.dC,
                                  self.h,
                                  self.part_s, self.part_G, self.part_M, self.part_M2,
