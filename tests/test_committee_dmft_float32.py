@@ -18,16 +18,13 @@ import numpy as np
 import pytest
 from scipy.special import ndtri
 
-from solver.config import Experiment
 from solver.dmft import committee as dc
+from test_committee_dmft_estimators import committee as _committee
 
 
 def committee(**kw):
-    base = dict(model="committee", loss="square", teacher="linear", lam=0.0, activation="erf",
-                k=2, kstar=2, q0=0.1, m0=0.2, rho=1.0, tau=0.5, delta=2.0, dt=0.05, T=2.0,
-                record_every=8, samples=2000, method="mc", seed=4)
-    base.update(kw)
-    return Experiment(**base).validate()
+    """The estimator tests' configuration (same defaults), with seed 4."""
+    return _committee(**{"seed": 4, **kw})
 
 
 def test_ndtri_matches_scipy():

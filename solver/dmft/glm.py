@@ -469,7 +469,8 @@ def _dl1_dy(code, h, y):
 
 @njit(cache=True, nogil=True, fastmath=FMA)
 def _lane_sum(out, coef, off, hist, j0, j1, c, scale=1.0):
-    """``out[i] += sum_{j0 <= j < j1} scale coef[j + off] hist[j, i]`` (i < c) in float64: four
+    """``out[i] += sum_{j0 <= j < j1} scale coef[j + off] hist[j, i]`` (i < c), in the precision
+    of ``out``, ``coef`` and ``scale`` (the population step passes the histories'): four
     history rows per pass over ``out`` (each row read once, one load/store of ``out`` per four
     multiply-adds), vectorised over lanes."""
     j = j0
@@ -541,7 +542,8 @@ def _lane_dots_w(out, scale, x, lph, xi, w0, cw, k, c):
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def _lane_dots(out, scale, x, hist, k, c):
-    """``out[j] += scale sum_{i<c} x[i] hist[j, i]`` for j < k, in float64 and reassociated so
+    """``out[j] += scale sum_{i<c} x[i] hist[j, i]`` for j < k, the lane sum in ``hist``'s
+    precision (``out`` float64) and reassociated so
     that LLVM vectorises the sums over lanes (a strict left-to-right sum is one long dependency
     chain; the order is fixed at compile time, so results stay deterministic)."""
     zero = np.zeros(1, hist.dtype)[0]  # sums over the lanes in the histories' precision
