@@ -11,10 +11,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     BOKEH_ALLOW_WS_ORIGIN=localhost:5006
 
 # libgomp1: numba's OpenMP threading layer (without it numba falls back to 'workqueue', which
-# aborts when two sessions run parallel kernels at once).
+# aborts when two sessions run parallel kernels at once). libjemalloc2: the server's memory
+# allocator (ENV below).
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libgomp1 \
+ && apt-get install -y --no-install-recommends libgomp1 libjemalloc2 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 10001 sgf
 WORKDIR /opt/sgf-dmft
@@ -28,6 +29,15 @@ RUN pip install -c constraints.txt -e . \
  && mkdir -p "$NUMBA_CACHE_DIR" \
  && python -m solver.warmup \
  && chown -R sgf:sgf "$NUMBA_CACHE_DIR"
+
+# Memory (docs/deploy.md, "Session 5: memory"): every Python object from jemalloc, which gives
+# closed sessions' memory back to the system. Load test, 3 sessions then 20 open/close cycles:
+# RSS +165 then +282 MiB over the baseline with Python's allocator, +7 then +18 MiB with
+# jemalloc; CPU per page build about +5% (glibc malloc instead: +15%). Turn it off with
+# docker run -e LD_PRELOAD= -e PYTHONMALLOC=pymalloc ...
+ENV PYTHONMALLOC=malloc \
+    LD_PRELOAD=libjemalloc.so.2 \
+    MALLOC_CONF=background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0
 
 USER 10001
 EXPOSE 5006

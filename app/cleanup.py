@@ -112,11 +112,28 @@ def trace_growth(path: str, top: int = 15) -> bool:
 
 
 def trim() -> bool:
-    """Return freed heap memory to the system (glibc ``malloc_trim``; False elsewhere)."""
+    """Return freed heap memory to the system now: jemalloc's or mimalloc's unused pages where
+    one is preloaded (``LD_PRELOAD``, as in the Docker image; docs/deploy.md, "Session 5:
+    memory"), and glibc's ``malloc_trim``. False where none of them is available."""
     try:
         import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        return True
-    except (OSError, AttributeError):
+    except ImportError:
         return False
+    done = False
+    try:
+        proc = ctypes.CDLL(None)  # the symbols the process resolves, a preloaded malloc first
+    except OSError:
+        proc = None
+    mallctl = getattr(proc, "mallctl", None)
+    if mallctl is not None:  # jemalloc: purge every arena (4096 = MALLCTL_ARENAS_ALL)
+        done = mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0)) == 0
+    mi_collect = getattr(proc, "mi_collect", None)
+    if mi_collect is not None:  # mimalloc: collect and return freed segments
+        mi_collect(ctypes.c_bool(True))
+        done = True
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        done = True
+    except (OSError, AttributeError):
+        pass
+    return done

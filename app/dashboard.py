@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 import time
 import weakref
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 
 if "bokeh" not in hv.Store.renderers:  # the plots need the Bokeh backend (idempotent)
     hv.extension("bokeh", logo=False)
+# Canvas, not WebGL (HoloViews' default): the curves hold at most a few thousand points, and
+# every WebGL repaint is blitted onto the canvas (emulated where the browser has no GPU).
+# SGF_DMFT_WEBGL=1 restores WebGL.
+type(hv.Store.renderers["bokeh"]).webgl = os.environ.get("SGF_DMFT_WEBGL", "0") == "1"
 
 #: Live dashboards of this process (the browser tests read the plotted data from here).
 SESSIONS: "weakref.WeakSet[Dashboard]" = weakref.WeakSet()
@@ -85,6 +90,7 @@ class Dashboard(pn.viewable.Viewer):
         self._pc = None
         self._closed = False
         self._queue_pos = None
+        self._states = None  # (finished, job statuses) the status line last showed
         self._dist_dirty = False
         self._kernel_dirty = False
         self._setting_time = False
@@ -745,9 +751,11 @@ class Dashboard(pn.viewable.Viewer):
             now = time.perf_counter()
             # backpressure: no new plot patch while the last one is still being written
             wait = draw.backlogged(self.curves_pane)
+            drew = False
             if self._curves_dirty and not wait and (now >= self._next_draw
                                                     or not self.runner.busy()):
                 self._send_curves()
+                drew = True
             if dists:
                 self._update_times()
                 self._dists_dirty = self._dists_dirty or self.follow
@@ -757,8 +765,13 @@ class Dashboard(pn.viewable.Viewer):
             if kern:
                 self.kernel_pipe.send(self._kernel_data())
             pos = self.runner.queue_position() if not run.finished else None
-            if events or pos != self._queue_pos:
-                self._queue_pos = pos
+            # The status line and the progress bar follow the redraws (paced process-wide) and
+            # change at once when a job starts, ends or moves in the queue: every change makes
+            # the browser lay the page out again (about 20 ms), and at every tick (150 ms) that
+            # took more of a page's CPU than its plots.
+            states = (run.finished, tuple(s.status for s in run.series.values()))
+            if events and (drew or states != self._states) or pos != self._queue_pos:
+                self._queue_pos, self._states = pos, states
                 self._update_status()
             return len(events)
 

@@ -1,35 +1,29 @@
 """Speed and accuracy of the Monte Carlo DMFT of the committee machine (solver.dmft.committee).
 
-Run:  python benchmarks/committee.py [--quick] [--no-write] [--samples N1,N2] [--seeds S]
-      [--no-plain] [--spread-at N1,N2]
+Run:  NUMBA_NUM_THREADS=2 python benchmarks/committee.py [--quick] [--no-write]
+      [--samples N1,N2] [--errors auto|replicas|batches] [--engine-seeds S --spread-at N]
+      [--plain] [--sweeps S --sweep-at n1,n2]
 
 Configuration (issue #5's benchmark, THEORY.md 5.5 setup): k = k* = 2, erf, v = 1, rho = I,
 q0 = 0.1, m0 = 0.2, square loss, no label noise, lambda = 0, tau = 0.5, delta = 2, T = 10,
 dt = 0.05 (K = 200 steps).
 
-* Engine: ``committee.stream`` as shipped (main population of N trajectories, 5 replica
-  populations for the standard errors, snapshots, kernels extra): wall time, CPU time (all
-  threads), time to the first snapshot, peak RSS (``ru_maxrss`` of this process, i.e. the
-  largest run so far; runs go in increasing N), generalisation error eg at T with its standard
-  error, and the N a 0.1% standard error would need (``N (se/0.1%)^2``, every curve's variance
-  falls like 1/N).
-* Sweep alone (one population of N, no replicas): with the tangent on the engine's subset of
-  trajectories (``tangent_fraction_for``) and on all of them (``tangent_fraction=1``), which
-  shows what the tangent costs.
-* Seed spread (``--seeds S`` sweeps at each N of ``--spread-at``, default every N): S
-  independent sweeps; their standard deviation of eg at T against the replica standard error
-  the engine printed (the honest error: the replica se rescales five populations of N/4 by
-  sqrt(1/4), which assumes every variance falls like 1/N).
-* Estimators: the engine's defaults (``init_sampling='qmc_steps'``, kappa ``'stein'``) against
-  the plain ones (``'stein'``, ``'mc'``: the engine before the variance
-  reduction), same run: the plain engine at every N and its own seed spread (``--no-plain``
-  skips both). The figure of merit is the CPU time a 0.1% standard error of eg would need,
-  ``cpu(N) (se/0.1%)^2`` (se from the seed spread, the honest one, and from the replicas).
+* Engine: ``committee.stream`` as the dashboard calls it (snapshots, kernels extra), once at
+  each N (default 64000 and TARGET_N, the N that should give a 0.1% standard error of eg with
+  batch means): wall time, CPU time (all threads), time to the first snapshot, peak RSS
+  (``ru_maxrss``: the largest run so far; runs go in increasing N), eg at T with its standard
+  error, and the N (and wall time at this run's rate) a 0.1% standard error would need,
+  ``N (se/0.1%)^2``. From N = 64000 the engine uses batch means (``errors='batches'``: r
+  independent quasi-random populations of N/r, se = sd/sqrt(r)); ``--errors replicas`` for the
+  main population + replicas.
+* ``--engine-seeds S``: S more engine runs (seeds 1..S) at each N of ``--spread-at``: the spread
+  of eg against the reported se (the honesty check; F(S, (S+1)(r-1)) distributed ratio).
+* ``--plain``: the plain estimators ('stein', 'mc') too. ``--sweeps S --sweep-at n1,n2``: S
+  independent one-population sweeps at each n (mean and spread of eg: the batch-size bias).
 
 Kernels are compiled (numba cache) before timing. Writes its table into the "Committee
 machines" section of docs/benchmarks.md (between the committee markers) unless --no-write or
---quick. Takes about 7 minutes on 2 quiet cores (2 x 12 sweeps at each of N = 8000 and 64000;
-the 64000 sweeps are most of it).
+--quick. Default run: about 3 minutes on 2 quiet cores (N = 64000 and 600000; peak RSS ~3 GB).
 """
 from __future__ import annotations
 
@@ -53,6 +47,8 @@ from solver.dmft import committee as dc  # noqa: E402
 
 SECTION = "## Committee machines"
 KEYS = ("test_error", "train_loss", "m", "Q")
+#: the engine run that should reach a 0.1% standard error of eg (batch means; docs/committee.md)
+TARGET_N = 600000
 
 
 def config(N, quick=False, seed=0):
@@ -101,115 +97,147 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="T = 3, small N: a smoke run")
     ap.add_argument("--no-write", action="store_true", help="leave docs/benchmarks.md alone")
-    ap.add_argument("--samples", help="comma-separated N of the main population")
-    ap.add_argument("--seeds", type=int, default=None, help="independent sweeps for the spread")
-    ap.add_argument("--no-plain", action="store_true",
-                    help="skip the plain estimators (stein, mc) used for the comparison")
-    ap.add_argument("--spread-at", help="comma-separated N for the seed spread (default: every "
-                    "N of --samples; each must be one of them)")
+    ap.add_argument("--samples", help=f"comma-separated N of the engine runs (default 64000,"
+                    f"{TARGET_N})")
+    ap.add_argument("--errors", default="auto", choices=dc.ERRORS,
+                    help="the engine's error mode (committee.stream errors=)")
+    ap.add_argument("--engine-seeds", type=int, default=0,
+                    help="extra engine runs (seeds 1..S) at each N of --spread-at: the spread "
+                    "of eg against the reported se")
+    ap.add_argument("--spread-at", help="comma-separated N for --engine-seeds (default: the "
+                    "smallest N of --samples)")
+    ap.add_argument("--plain", action="store_true",
+                    help="also the plain estimators (stein, mc), for comparison")
+    ap.add_argument("--sweeps", type=int, default=0,
+                    help="independent one-population sweeps at each N of --sweep-at")
+    ap.add_argument("--sweep-at", help="comma-separated population sizes for --sweeps")
     args = ap.parse_args(argv)
     threads = os.environ.get("NUMBA_NUM_THREADS", str(os.cpu_count()))
     Ns = sorted(int(x) for x in
-                (args.samples or ("2000" if args.quick else "8000,64000")).split(","))
-    S = args.seeds if args.seeds is not None else (2 if args.quick else 12)
-    spread_at = {int(x) for x in args.spread_at.split(",")} if args.spread_at else set(Ns)
-    if not spread_at <= set(Ns):
-        ap.error("--spread-at: every N must be one of --samples")
-    variants = [("plain", PLAIN)] * (not args.no_plain) + [("default", DEFAULT)]
+                (args.samples or ("2000" if args.quick else f"64000,{TARGET_N}")).split(","))
+    spread_at = ({int(x) for x in args.spread_at.split(",")} if args.spread_at else {Ns[0]})
+    variants = [("plain", PLAIN)] * args.plain + [("default", DEFAULT)]
+    mode = dict(errors=args.errors)
 
     # compile (or load) every kernel on a tiny problem
     for _, opts in variants:
         for _ in dc.stream(config(64, True).copy(T=0.2), **opts):
             pass
+        for _ in dc.stream(config(256, True).copy(T=0.2), errors="batches", batches=2, **opts):
+            pass
 
     heads = []
-    # plain first (peak RSS is the largest so far)
     for name, opts in variants:
         for N in Ns:
             exp = config(N, args.quick)
-            snap, wall, cpu, first = engine(exp, opts)
+            snap, wall, cpu, first = engine(exp, {**opts, **mode})
             mem = peak_mb()
-            sizes = dc.replica_plan(N)
+            how = dc.errors_for(N, args.errors)
+            if how == "batches":
+                sizes = dc.batch_plan(N)
+                plan = f"batches {len(sizes)} x {sizes[0]}"
+                nt = math.ceil(dc.tangent_fraction_for(sizes[0]) * sizes[0] / dc.BLOCK) * dc.BLOCK
+                nt = min(sizes[0], nt)
+                ntraj = sum(sizes)
+                sampling = dc.sampling_for(sizes[0], opts["init_sampling"])
+            else:
+                sizes = dc.replica_plan(N)
+                plan = f"main + {len(sizes) - 1} x {sizes[-1]} replicas"
+                nt = min(N, math.ceil(dc.tangent_fraction_for(N) * N / dc.BLOCK) * dc.BLOCK)
+                ntraj = sum(sizes)
+                sampling = dc.sampling_for(N, opts["init_sampling"])
             eg, se = snap.values["test_error"], snap.se["test_error"]
             rel = se / eg
-            nt = min(N, math.ceil(dc.tangent_fraction_for(N) * N / dc.BLOCK) * dc.BLOCK)
-            h = dict(name=name, N=N, sizes=sizes, nt=nt, wall=wall, cpu=cpu, first=first,
-                     mem=mem, snap=snap, rel=rel, need=N * (rel / 1e-3) ** 2)
-            print(f"{name} N={N}: engine {wall:.1f} s wall, {cpu:.1f} s cpu, first snapshot "
-                  f"{1e3 * first:.0f} ms, peak RSS {mem:.0f} MB; eg(T) = {eg:.6f} +- {se:.6f} "
-                  f"({100 * rel:.2f}%), 0.1% needs N ~ {h['need']:.2g}; load "
+            h = dict(name=name, N=N, plan=plan, nt=nt, ntraj=ntraj, sampling=sampling,
+                     wall=wall, cpu=cpu, first=first, mem=mem, snap=snap, rel=rel,
+                     need=N * (rel / 1e-3) ** 2, wall_need=wall * (rel / 1e-3) ** 2,
+                     cpu_need=cpu * (rel / 1e-3) ** 2)
+            print(f"{name} N={N} ({plan}, {sampling}): engine {wall:.1f} s wall, {cpu:.1f} s "
+                  f"cpu, first snapshot {1e3 * first:.0f} ms, peak RSS {mem:.0f} MB; eg(T) = "
+                  f"{eg:.6f} +- {se:.6f} ({100 * rel:.3f}%), 0.1% needs N ~ {h['need']:.3g} "
+                  f"(~{h['wall_need']:.0f} s wall, {h['cpu_need']:.0f} s cpu at this rate); load "
                   f"{os.getloadavg()[0]:.1f}", flush=True)
-            if N == Ns[0] and name == "default":
-                v1, w1, c1 = sweep(exp)
-                vf, wf, cf = sweep(exp, 1.0)
-                h.update(sweep_sub=(w1, c1), sweep_full=(wf, cf))
-                print(f"N={N}: sweep alone {w1:.1f} s wall / {c1:.1f} s cpu (tangent on "
-                      f"{h['nt']}), {wf:.1f} s / {cf:.1f} s (tangent on all)", flush=True)
-            if N in spread_at and S >= 2:
-                runs = [sweep(config(N, args.quick, seed=s), opts=opts) for s in range(S)]
-                egs = np.array([r[0]["test_error"] for r in runs])
-                csw = float(np.mean([r[2] for r in runs]))
+            if N in spread_at and args.engine_seeds >= 2:
+                runs = [engine(config(N, args.quick, seed=s), {**opts, **mode})[0]
+                        for s in range(1, args.engine_seeds + 1)] + [snap]
+                egs = np.array([r.values["test_error"] for r in runs])
+                ses = np.array([r.se["test_error"] for r in runs])
                 sd = float(np.std(egs, ddof=1))
-                h["spread"] = (sd, S, float(np.mean(egs)), csw)
-                print(f"{name} N={N}: seed spread of eg(T) over {S} sweeps {sd:.6f} "
-                      f"({100 * sd / np.mean(egs):.2f}%), engine se {se:.6f}; "
-                      f"{csw:.1f} s cpu per sweep", flush=True)
+                h["spread"] = (sd, len(runs), float(np.mean(egs)), float(np.sqrt(np.mean(ses ** 2))))
+                print(f"{name} N={N}: spread of eg(T) over {len(runs)} engine runs {sd:.6f} "
+                      f"({100 * sd / np.mean(egs):.3f}%), rms reported se "
+                      f"{h['spread'][3]:.6f}; means {np.round(egs, 6).tolist()}", flush=True)
             heads.append(h)
-    table = render(config(Ns[0], args.quick), heads, threads)
+    sweeps = []
+    if args.sweeps >= 2 and args.sweep_at:
+        for n in sorted(int(x) for x in args.sweep_at.split(",")):
+            runs = [sweep(config(n, args.quick, seed=1000 + s)) for s in range(args.sweeps)]
+            egs = np.array([r[0]["test_error"] for r in runs])
+            sweeps.append((n, len(runs), float(np.mean(egs)), float(np.std(egs, ddof=1)),
+                           float(np.mean([r[2] for r in runs]))))
+            print("sweeps n={}: {} runs, eg mean {:.6f}, sd {:.6f}, {:.1f} s cpu each".format(
+                *sweeps[-1]), flush=True)
+    table = render(config(Ns[0], args.quick), heads, threads, sweeps, args)
     print(table)
     if not args.no_write and not args.quick:
         write_doc(table)
 
 
-def render(exp, heads, threads):
-    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} "
+def render(exp, heads, threads, sweeps=(), args=None):
+    cmd = "NUMBA_NUM_THREADS=2 python benchmarks/committee.py" + (
+        " " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
+    lines = [f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()} "
              f"({os.cpu_count()} cores, NUMBA_NUM_THREADS={threads}, load average "
-             f"{os.getloadavg()[0]:.1f} at the end), `python benchmarks/committee.py`: k = k* = "
+             f"{os.getloadavg()[0]:.1f} at the end), `{cmd}`: k = k* = "
              f"2, erf, rho = I, q0 = 0.1, m0 = 0.2, tau = {exp.tau}, delta = {exp.delta}, "
-             f"lambda = 0, T = {exp.T}, dt = {exp.dt} (K = {exp.steps}). One run each (the "
-             "machine may be shared: CPU time is the steadier number). Estimators: *default* = "
-             f"the engine's (kappa '{dc.KAPPA_ESTIMATOR}', sampling '{dc.SAMPLING}'), *plain* = "
-             "'stein', 'mc' (the engine before the variance reduction). N_t: trajectories of "
-             "the main population that carry the tangent (the same fraction in each replica). "
-             "Peak RSS: largest so far in the run (plain runs first). Per-trajectory "
-             f"histories in {np.dtype(dc.HIST_DTYPE).name} (`committee.HIST_DTYPE`). Rerun: "
-             "`NUMBA_NUM_THREADS=2 python benchmarks/committee.py` (both estimator sets at N = "
-             "8000 and 64000, 12 sweeps of each at both N: about 7 minutes on 2 quiet cores; "
-             "`--no-plain` for the default alone). The variance reduction (QMC draws; the "
-             "prose above this table predates it): docs/committee.md, \"Variance reduction\".",
+             f"lambda = 0, T = {exp.T}, dt = {exp.dt} (K = {exp.steps}). One engine run per row "
+             "(`committee.stream` as the dashboard calls it, snapshots and kernels extra). "
+             "Errors: *batches* = r independent populations of N/r, values their mean, se "
+             "their sd / sqrt(r) (`errors='batches'`, the default from "
+             f"N = {dc.BATCH_MIN_SAMPLES}); *replicas* = main population + rescaled replica "
+             "spread. Estimators: *default* = the engine's (kappa "
+             f"'{dc.KAPPA_ESTIMATOR}', sampling '{dc.SAMPLING}': quasi-random 'qmc_steps' "
+             f"for populations of {dc.QMC_MIN_SAMPLES} to {dc.QMC_MAX_SAMPLES}), *plain* = "
+             "'stein', 'mc'. N_t: trajectories of each population that carry the tangent. "
+             "Peak RSS: largest so far in the process (runs in increasing N). For 0.1%: "
+             "`N (se/0.1%)^2` and the wall/CPU time at this run's rate (the se of eg falls like "
+             "1/sqrt(N) with the number of populations of a fixed size). Batch means and their "
+             "bias: docs/committee.md, \"Batch means\".",
              "",
-             "| estimators | N | N_t | replicas | engine wall (s) | engine CPU (s) "
-             "| first snapshot (ms) | peak RSS (MB) | eg at T | se (%) | N for se = 0.1% |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| estimators | N | errors | sampling | N_t | engine wall (s) | engine CPU (s) "
+             "| first snapshot (ms) | peak RSS (MB) | eg at T | se (%) | N for se = 0.1% "
+             "| wall for 0.1% (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for h in heads:
-        sn, sz = h["snap"], h["sizes"]
-        lines.append(f"| {h['name']} | {h['N']} | {h['nt']} | {len(sz) - 1} x {sz[-1]} | "
+        sn = h["snap"]
+        lines.append(f"| {h['name']} | {h['N']} | {h['plan']} | {h['sampling']} | {h['nt']} | "
                      f"{h['wall']:.1f} | {h['cpu']:.1f} | {1e3 * h['first']:.0f} | "
-                     f"{h['mem']:.0f} | {sn.values['test_error']:.5f} +- "
-                     f"{sn.se['test_error']:.5f} | {100 * h['rel']:.2f} | {h['need']:.2g} |")
+                     f"{h['mem']:.0f} | {sn.values['test_error']:.6f} +- "
+                     f"{sn.se['test_error']:.6f} | {100 * h['rel']:.3f} | {h['need']:.3g} | "
+                     f"{h['wall_need']:.0f} |")
     last = heads[-1]["snap"]
     lines += ["", f"At T ({heads[-1]['name']}, N = {heads[-1]['N']}): " + ", ".join(
         f"{k} {last.values[k]:.5f} +- {last.se[k]:.5f}" for k in ("train_loss", "m", "Q", "M_0_1"))
         + "."]
-    for h0 in heads:
-        if "sweep_sub" in h0:
-            (w1, c1), (wf, cf) = h0["sweep_sub"], h0["sweep_full"]
-            lines += ["", f"Sweep alone at N = {h0['N']} ({h0['name']}, one population, no "
-                      f"replicas): {w1:.1f} s wall / {c1:.1f} s CPU with the tangent on N_t = "
-                      f"{h0['nt']}, {wf:.1f} s / {cf:.1f} s with the tangent on all N."]
     spread = [h for h in heads if "spread" in h]
     if spread:
-        lines += ["", "Seed spread (independent sweeps of one population, no replicas) against "
-                  "the engine's replica se, and the CPU time a 0.1% se of eg would need, "
-                  "`cpu (sd/0.1%)^2` (sd relative; one population, so without the replicas' "
-                  "1.25x):", "",
-                  "| estimators | N | sweeps | eg (mean) | sd of eg (%) | engine se (%) "
-                  "| CPU per sweep (s) | CPU for 0.1% (s) |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Spread of eg(T) over independent engine runs (seeds 0..S) against the "
+                  "rms of their reported se (equal in expectation if the se is honest; the "
+                  "ratio of variances follows F(S, (S + 1) (r - 1)) for r populations):", "",
+                  "| estimators | N | runs | eg (mean) | sd of eg (%) | rms se (%) |",
+                  "|---|---|---|---|---|---|"]
         for h in spread:
-            sd, S, mean, csw = h["spread"]
-            rel = sd / mean
-            lines.append(f"| {h['name']} | {h['N']} | {S} | {mean:.5f} | {100 * rel:.2f} | "
-                         f"{100 * h['rel']:.2f} | {csw:.1f} | {csw * (rel / 1e-3) ** 2:.3g} |")
+            sd, S, mean, rse = h["spread"]
+            lines.append(f"| {h['name']} | {h['N']} | {S} | {mean:.6f} | {100 * sd / mean:.3f} "
+                         f"| {100 * rse / mean:.3f} |")
+    if sweeps:
+        lines += ["", "Independent one-population sweeps (default estimators; mean and sd of "
+                  "eg(T), sd sqrt(n)/eg is constant under a 1/n variance law):", "",
+                  "| n | sweeps | eg (mean) | sd of eg (%) | sd sqrt(n)/eg | CPU per sweep (s) |",
+                  "|---|---|---|---|---|---|"]
+        for n, S, mean, sd, csw in sweeps:
+            lines.append(f"| {n} | {S} | {mean:.6f} +- {sd / math.sqrt(S):.6f} | "
+                         f"{100 * sd / mean:.3f} | {sd / mean * math.sqrt(n):.2f} | {csw:.1f} |")
     return "\n".join(lines)
 
 

@@ -5,14 +5,18 @@ Run:  NUMBA_NUM_THREADS=2 .venv/bin/python benchmarks/load.py [--sessions 10] [-
 
 Loopback only (127.0.0.1). Starts the server with the Docker entry command (read from the
 Dockerfile's CMD, run with this venv's ``sgf-dmft``; the address becomes 127.0.0.1 and the port
-a free one), then with a headless chromium (Playwright; ``/usr/bin/chromium`` or
-``$SGF_DMFT_CHROMIUM``, same flags as tests/conftest.py):
+a free one) and the image's memory-allocator settings (the Dockerfile's ENV, where the preloaded
+library is installed here; ``--no-image-env`` without them; the figures name them), then with a
+headless chromium (Playwright; ``/usr/bin/chromium`` or ``$SGF_DMFT_CHROMIUM``, same flags as
+tests/conftest.py; ``--page-nice N`` starts it at niceness N):
 
 1. baseline: one session opened and closed (imports done), server threads and RSS once Bokeh
    has destroyed it;
-2. K sessions at once, each loads a small configuration (``SMALL``: T=2, d=300, 2 seeds, 600
-   Monte Carlo samples, theory + SGF + SGD) and presses Run. While the runs go on, each session
-   changes a numeric input (delta) twice and times how long the page takes to show the
+2. K sessions at once, each opens the dashboard's default preset (``--config preset``, the
+   default: theory, GD theory, GD, SGF and SGD simulations; or ``--config small``: T=2, d=300,
+   2 seeds, 600 Monte Carlo samples, theory + SGF + SGD) and presses Run. While the runs go
+   on, each session changes a numeric input (delta) twice and times how long the page takes
+   to show the
    dependent text (the "epochs / SGD steps / n = δd" line); the best place in the server's
    queue each session's status line showed is recorded. Measured: every run completes ("Done
    in"), the time to completion, the widget latencies, server threads and RSS before, peak
@@ -60,7 +64,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--disable-dev-shm-usage"]
 SMALL = '?T=2&d=300&seeds=2&samples=600&sims=["sgf","sgd-fresh"]&gd_theory=false'
-D_SMALL = 300
+#: what each session runs (``--config``): query string and d (the "n = δd" readout needs it).
+#: "preset" is the dashboard's default preset (the page as it opens: theory, GD theory, GD,
+#: SGF and SGD simulations, d = 1000, 4 seeds, T = 10, dt = 0.1), as the issue asks; "small"
+#: the lighter configuration of the figures before session 5.
+CONFIGS = {"preset": ("", 1000), "small": (SMALL, 300)}
 MAX_SESSIONS, MAX_CYCLES = 40, 500
 
 
@@ -78,6 +86,23 @@ def dockerfile_cmd() -> list[str]:
     return json.loads(m.group(1))
 
 
+def image_env() -> dict:
+    """The Dockerfile's memory-allocator settings (``ENV`` lines: LD_PRELOAD, PYTHONMALLOC,
+    MALLOC_CONF), which the server gets as in the image; {} where the preloaded library does
+    not load on this machine (then the server runs with Python's allocator: say so)."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict = {}
+    for m in re.finditer(r"^ENV\s+(.*)$", text, re.M):
+        env.update(re.findall(r"(\w+)=(\S*)", m.group(1)))
+    alloc = {k: env[k] for k in ("LD_PRELOAD", "PYTHONMALLOC", "MALLOC_CONF") if env.get(k)}
+    if alloc.get("LD_PRELOAD"):
+        r = subprocess.run([sys.executable, "-c", "pass"], capture_output=True, text=True,
+                           env=dict(os.environ, LD_PRELOAD=alloc["LD_PRELOAD"]))
+        if r.returncode or "cannot be preloaded" in r.stderr:
+            return {}
+    return alloc
+
+
 def proc_status(pid: int) -> dict:
     """Threads and RSS (MiB) of a process, from /proc."""
     out = {}
@@ -90,15 +115,60 @@ def proc_status(pid: int) -> dict:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def browser_pids() -> list[int]:
+    """Processes of the chromium that drives the pages (every chromium of this user)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/comm") as fh:
+                    if fh.read().startswith(("chromium", "chrome", "headless_shell")):
+                        out.append(int(d))
+            except OSError:
+                pass
+    return out
+
+
 class Sampler:
-    """Samples a process's RSS and threads every ``period`` s in a thread; keeps the peak."""
+    """Samples a process's RSS and threads every ``period`` s in a thread; keeps the peak.
+    Also the CPU seconds the server and the browser's processes use while it runs
+    (``cpu_s()``; a browser process that ends between two samples loses its last 0.2 s)."""
 
     def __init__(self, pid: int, period: float = 0.2):
         self.pid, self.period = pid, period
         self.peak_rss = 0.0
         self.peak_threads = 0
+        self._cpu0: dict = {}
+        self._cpu1: dict = {}
         self._stop = threading.Event()
         self._th = threading.Thread(target=self._run, daemon=True)
+
+    def _cpu(self):
+        for pid in [self.pid] + browser_pids():
+            try:
+                c = cpu_seconds(pid)
+            except (OSError, IndexError, ValueError):
+                continue
+            # a browser process first seen after the start counts from its birth
+            self._cpu0.setdefault(pid, c if not self._cpu1 or pid == self.pid else 0.0)
+            self._cpu1[pid] = c
+
+    def reset_cpu(self) -> None:
+        """Count CPU from now on."""
+        self._cpu()
+        self._cpu0 = dict(self._cpu1)
+
+    def cpu_s(self) -> dict:
+        used = {p: self._cpu1[p] - self._cpu0[p] for p in self._cpu1}
+        return {"server": round(used.pop(self.pid, 0.0), 1),
+                "browser": round(sum(used.values()), 1)}
 
     def _run(self):
         while not self._stop.is_set():
@@ -108,6 +178,7 @@ class Sampler:
                 return
             self.peak_rss = max(self.peak_rss, st["rss_mib"])
             self.peak_threads = max(self.peak_threads, st["threads"])
+            self._cpu()
             self._stop.wait(self.period)
 
     def __enter__(self):
@@ -119,8 +190,8 @@ class Sampler:
         self._th.join(5)
 
 
-def start_server(port: int, latency_log: str | None = None,
-                 trace: bool = False) -> subprocess.Popen:
+def start_server(port: int, latency_log: str | None = None, trace: bool = False,
+                 env_extra: dict | None = None) -> subprocess.Popen:
     cmd = dockerfile_cmd()
     exe = Path(sys.executable).parent / cmd[0]
     if not exe.exists():
@@ -130,6 +201,7 @@ def start_server(port: int, latency_log: str | None = None,
     cmd[cmd.index("--address") + 1] = "127.0.0.1"  # loopback only
     env = dict(os.environ, BOKEH_ALLOW_WS_ORIGIN=f"127.0.0.1:{port}")
     env.setdefault("NUMBA_NUM_THREADS", "2")
+    env.update(env_extra or {})
     if latency_log:
         env["SGF_DMFT_LATENCY_LOG"] = latency_log
         if trace:
@@ -218,6 +290,21 @@ def latency_summary(path: str, windows: dict) -> dict:
     return out
 
 
+def browser_exe(nice: int) -> str:
+    """The chromium to launch; with ``nice > 0`` a wrapper that starts it (and so every page's
+    renderer, which inherit it) at that niceness: the pages then stand in for remote clients,
+    which in a deployment do not take the server's cores (``--page-nice``)."""
+    if nice <= 0:
+        return CHROMIUM
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="chromium-nice-", suffix=".sh")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f'#!/bin/sh\nexec nice -n {int(nice)} {CHROMIUM} "$@"\n')
+    os.chmod(path, 0o755)
+    return path
+
+
 async def open_page(browser, url: str, timeout_ms: int = 120_000):
     ctx = await browser.new_context(viewport={"width": 1400, "height": 900})
     page = await ctx.new_page()
@@ -226,19 +313,47 @@ async def open_page(browser, url: str, timeout_ms: int = 120_000):
     return ctx, page
 
 
-async def widget_latency(page, delta: float, marks: list | None = None) -> float:
+# The text of an element and of every shadow root below it (Bokeh renders each pane in its own
+# shadow root). The harness reads the two texts it waits for through handles on their panes'
+# hosts with this: Playwright's text and CSS engines search the whole page (11 600 nodes, every
+# shadow root) on each poll, which measured 2.1 s of the page's 5 s of CPU over one Run.
+DEEP_TEXT = """(el) => { const out = []; const walk = (n) => { if (n.shadowRoot) walk(n.shadowRoot);
+  for (const c of n.childNodes) { if (c.nodeType === 3) out.push(c.data);
+    else if (c.nodeName !== 'STYLE' && c.nodeName !== 'SCRIPT') walk(c); } };
+  walk(el); return out.join(' '); }"""
+
+
+async def pane_host(page, css: str):
+    """Handle on the Bokeh view (shadow host) that renders the element ``css``: stays the
+    same element when the pane's text changes."""
+    loc = page.locator(css).first
+    await loc.wait_for()
+    return await loc.evaluate_handle("el => el.getRootNode().host || el.parentElement")
+
+
+async def pane_text(host) -> str:
+    return await host.evaluate(DEEP_TEXT)
+
+
+async def wait_text(page, host, text: str, timeout_ms: int = 60_000) -> None:
+    await page.wait_for_function(f"([el, t]) => ({DEEP_TEXT})(el).includes(t)", arg=[host, text],
+                                 polling=50, timeout=timeout_ms)
+
+
+async def widget_latency(page, delta: float, marks: list | None = None, d: int = 300) -> float:
     """Seconds from typing delta into its input to the page showing the new n = δd.
     ``marks`` gets the wall-clock times (time.time()) of the start, the end of the typing and
     of Enter, and the text seen (to set against the server's log)."""
-    n = max(1, int(round(delta * D_SMALL)))
+    n = max(1, int(round(delta * d)))
     box = page.locator("input.bk-input").first
+    host = await pane_host(page, ".sgf-derived")
     t0 = time.perf_counter()
     w = [time.time()]
     await box.fill(f"{delta:g}")
     w.append(time.time())
     await box.press("Enter")
     w.append(time.time())
-    await page.get_by_text(f"n = δd = {n:,} samples").first.wait_for(timeout=60_000)
+    await wait_text(page, host, f"n = δd = {n:,} samples")
     w.append(time.time())
     if marks is not None:
         marks.append([round(x, 3) for x in w])
@@ -246,24 +361,26 @@ async def widget_latency(page, delta: float, marks: list | None = None) -> float
 
 
 async def one_session(browser, base: str, i: int, start: asyncio.Event, ready: list,
-                      out: list, run_timeout_s: float):
+                      out: list, run_timeout_s: float, config: str = "preset"):
     rec = {"session": i, "latencies_s": [], "during_run": [], "queue_place_max": 0}
     ctx = None
     try:
-        ctx, page = await open_page(browser, base + "/" + SMALL)
+        query, d = CONFIGS[config]
+        ctx, page = await open_page(browser, base + "/" + query)
+        status = await pane_host(page, ".sgf-status")
         ready.append(i)
         await start.wait()
         t0 = time.perf_counter()
         await page.get_by_role("button", name="▶ Run").click()
         for k, delta in enumerate((3.0, 2.0)):
             await asyncio.sleep(0.5 + 0.3 * (i % 4))
-            done = await page.get_by_text("Done in").count() > 0
+            done = "Done in" in await pane_text(status)
             rec["latencies_s"].append(await widget_latency(page, delta,
-                                                           rec.setdefault("marks", [])))
+                                                           rec.setdefault("marks", []), d))
             rec["during_run"].append(not done)
         deadline = time.monotonic() + run_timeout_s
         while time.monotonic() < deadline:
-            text = " ".join(await page.locator(".sgf-status").all_inner_texts())
+            text = await pane_text(status)
             m = re.search(r"place in the server's queue: (\d+)", text)
             if m:
                 rec["queue_place_max"] = max(rec["queue_place_max"], int(m.group(1)))
@@ -286,15 +403,16 @@ async def one_session(browser, base: str, i: int, start: asyncio.Event, ready: l
 async def main_async(args) -> dict:
     from playwright.async_api import async_playwright
 
-    res: dict = {"sessions": args.sessions, "cycles": args.cycles, "config": SMALL,
-                 "command": None, "cores": os.cpu_count()}
+    res: dict = {"sessions": args.sessions, "cycles": args.cycles, "config": args.config,
+                 "command": None, "cores": os.cpu_count(), "page_nice": args.page_nice}
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     import tempfile
 
     lat_log = tempfile.NamedTemporaryFile(prefix="sgf-latency-", suffix=".jsonl",
                                           delete=False).name
-    proc = start_server(port, lat_log, trace=args.trace)
+    res["server_env"] = {} if args.no_image_env else image_env()
+    proc = start_server(port, lat_log, trace=args.trace, env_extra=res["server_env"])
     windows: dict = {}
     res["command"] = " ".join(dockerfile_cmd())
     t_all = time.monotonic()
@@ -303,8 +421,8 @@ async def main_async(args) -> dict:
         pid = proc.pid  # sgf-dmft serve execs panel serve: same process
         res["server_start"] = proc_status(pid)
         async with async_playwright() as pw:
-            browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                               args=CHROMIUM_ARGS)
+            browser = await pw.chromium.launch(executable_path=browser_exe(args.page_nice),
+                                               headless=True, args=CHROMIUM_ARGS)
             # 1. baseline after one session (imports, warm-up and first page build done)
             ctx, page = await open_page(browser, base + "/")
             await ctx.close()
@@ -316,7 +434,7 @@ async def main_async(args) -> dict:
             with Sampler(pid) as smp:
                 ready: list = []
                 tasks = [asyncio.create_task(one_session(browser, base, i, start, ready, recs,
-                                                         args.timeout / 2))
+                                                         args.timeout / 2, args.config))
                          for i in range(args.sessions)]
                 # every page loaded (or failed) before the runs start together
                 t_load = time.monotonic()
@@ -326,10 +444,14 @@ async def main_async(args) -> dict:
                 res["load_s"] = round(time.monotonic() - t_load, 1)
                 windows["load"] = (time.time() - (time.monotonic() - t_load), time.time())
                 res["loaded"] = proc_status(pid)
+                smp.reset_cpu()
                 start.set()
                 t_runs = time.time()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 windows["runs"] = (t_runs, time.time())
+                smp._cpu()
+                # where the machine's cores went during the runs
+                res["runs_cpu_s"] = dict(smp.cpu_s(), wall=round(time.time() - t_runs, 1))
             res["peak"] = {"rss_mib": smp.peak_rss, "threads": smp.peak_threads}
             # Panel's --num-threads executor may keep its (at most 2) threads once started
             after, waited = await settle(pid, base_st["threads"] + 2, timeout=90.0)
@@ -399,6 +521,16 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=5,
                     help="pages opened at once in the open/close cycles (1 with "
                          "PYTHONTRACEMALLOC, whose slow page builds time out in batches)")
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="preset",
+                    help="what each session runs: the default preset (as the page opens) or "
+                         "the small configuration of the figures before session 5")
+    ap.add_argument("--no-image-env", action="store_true",
+                    help="start the server without the Docker image's allocator settings "
+                         "(LD_PRELOAD, PYTHONMALLOC, MALLOC_CONF from the Dockerfile's ENV)")
+    ap.add_argument("--page-nice", type=int, default=0,
+                    help="start the browser (all pages) at this niceness, so that the pages, "
+                         "which stand in for remote clients, yield the cores to the server "
+                         "(0: same priority as the server, as before)")
     ap.add_argument("--trace", action="store_true",
                     help="also time the stages of each widget change and Panel's thread-pool "
                          "tasks (SGF_DMFT_LATENCY_TRACE, app/setup.py)")

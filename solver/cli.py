@@ -207,6 +207,10 @@ def serve_command(args) -> list[str]:
 def serve(args) -> int:
     """Replace this process by ``panel serve`` (so signals from Docker reach the server)."""
     cmd = serve_command(args)
+    # numba's OpenMP threads sleep between parallel regions instead of spinning: the server
+    # runs several sessions' kernels at once, and spinning threads took the cores from the
+    # working ones, the event loop and each other (docs/deploy.md, "Session 5")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(cmd[0], cmd)

@@ -288,6 +288,32 @@ def test_first_theory_point_is_drawn_at_once():
     d.close()
 
 
+def test_status_line_follows_redraws_and_job_states():
+    """The status line and progress bar change with the (paced) redraws and when a job starts,
+    ends or moves in the queue, not at every tick that drained snapshots: each change makes the
+    browser lay the page out again. Held-back redraws: the line shows the jobs' states only."""
+    d = dashboard(engines=fakes(delay=0.02), exp=small_exp(T=2.0))
+    d.sims = ["sgf"]
+    shown = []
+    d.status.param.watch(lambda e: shown.append(e.new), "object")
+    assert d.run()
+    ticks_with_events = 0
+    deadline = time.monotonic() + 20
+    while d.runner.busy() and time.monotonic() < deadline:
+        d._next_draw = time.perf_counter() + 3600.0  # as if the pacer held every redraw back
+        ticks_with_events += d.tick() > 0
+        time.sleep(0.005)
+    assert d.wait(20)
+    d.tick()
+    run = d.store.current
+    assert "Done" in d.status.object and d.progress.value == 1000
+    # 2 jobs: queued -> running -> done each, the first theory point's immediate redraw, the
+    # end; far fewer than the ticks that brought snapshots (21 recording steps per job)
+    assert ticks_with_events >= 10
+    assert len(shown) <= 2 * len(run.series) + 3 < ticks_with_events
+    d.close()
+
+
 def test_new_run_clears_old_curves_with_its_first_point(monkeypatch):
     """A Run with the same plots redraws once for its start: the old curves go when the
     theory's first point comes (not in a separate, empty redraw before it)."""

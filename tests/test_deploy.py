@@ -24,6 +24,33 @@ def dockerfile_cmd():
     return json.loads(m.group(1))
 
 
+def dockerfile_env():
+    """The Dockerfile's ENV settings (``KEY=VALUE`` forms, continuation lines joined)."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    env = {}
+    for m in re.finditer(r"^ENV\s+(.*)$", text, re.M):
+        env.update(re.findall(r"(\w+)=(\S*)", m.group(1)))
+    return env
+
+
+# the allocator the image preloads -> the Debian package that installs it (docs/deploy.md,
+# "Session 5: memory")
+ALLOCATOR_PACKAGES = {"libjemalloc.so.2": "libjemalloc2", "libmimalloc.so.2": "libmimalloc2.0"}
+
+
+def allocator_env():
+    """The image's allocator settings, where the preloaded library loads here too ({} if not)."""
+    env = dockerfile_env()
+    keys = ("LD_PRELOAD", "PYTHONMALLOC", "MALLOC_CONF")
+    alloc = {k: env[k] for k in keys if env.get(k)}
+    if "LD_PRELOAD" in alloc:
+        r = subprocess.run([sys.executable, "-c", "pass"], capture_output=True, text=True,
+                           env=dict(os.environ, LD_PRELOAD=alloc["LD_PRELOAD"]))
+        if r.returncode or "cannot be preloaded" in r.stderr:
+            return {}
+    return alloc
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,6 +72,7 @@ def test_entry_command_serves_page_and_liveness(tmp_path):
     assert exe.exists(), "console script sgf-dmft is not installed"
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"),
                BOKEH_ALLOW_WS_ORIGIN=f"localhost:{port},127.0.0.1:{port}")
+    env.update(allocator_env())  # the image's memory allocator, where it is installed here
     proc = subprocess.Popen([str(exe)] + cmd[1:], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -76,6 +104,57 @@ def test_dockerfile_uses_shared_constraints_and_non_root_user():
     assert "-c constraints.txt" in text
     assert re.search(r"^USER\s+(?!root|0\b)\S+", text, re.M)
     assert "NUMBA_CACHE_DIR" in text and "solver.warmup" in text and "HEALTHCHECK" in text
+
+
+def test_preloaded_allocator_comes_from_a_package_the_image_installs():
+    env = dockerfile_env()
+    lib = env.get("LD_PRELOAD", "")
+    if not lib:
+        pytest.skip("the image preloads no allocator")
+    assert "/" not in lib, "name the library by soname: the library path differs by architecture"
+    assert env.get("PYTHONMALLOC") == "malloc", "without it Python's objects bypass the allocator"
+    pkg = ALLOCATOR_PACKAGES[lib]
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    assert re.search(rf"apt-get install [^\n]*\b{re.escape(pkg)}\b", text), pkg
+    listed = subprocess.run(["dpkg", "-L", pkg], capture_output=True, text=True) \
+        if shutil.which("dpkg") else None
+    if listed is None or listed.returncode:
+        pytest.skip(f"{pkg} is not installed here: its file list is not checked")
+    assert any(p.endswith("/" + lib) for p in listed.stdout.split()), listed.stdout
+
+
+FRAGMENTED = """
+import gc
+from app import cleanup
+
+
+def rss():
+    with open("/proc/self/status") as fh:
+        return next(int(ln.split()[1]) / 1024 for ln in fh if ln.startswith("VmRSS:"))
+
+
+r0 = rss()
+x = [str(i) * 3 for i in range(1_000_000)]  # about 80 MiB of small objects
+r1 = rss()
+kept = x[::1024]  # one survivor in every ~64 KiB: pins every 1 MiB arena of Python's allocator
+del x
+gc.collect()
+assert cleanup.trim()
+print((rss() - r0) / (r1 - r0))
+"""
+
+
+def test_image_allocator_returns_memory_pinned_by_survivors():
+    """What closed sessions leave (docs/deploy.md, "Session 5: memory"): a few long-lived
+    objects among many freed ones. Python's allocator keeps about 90% of such memory; under the
+    image's allocator :func:`app.cleanup.trim` hands most of it back at once (jemalloc: 16%)."""
+    alloc = allocator_env()
+    if "LD_PRELOAD" not in alloc:
+        pytest.skip("the image's allocator is not installed here")
+    r = subprocess.run([sys.executable, "-c", FRAGMENTED], capture_output=True, text=True,
+                       cwd=ROOT, env=dict(os.environ, **alloc), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout.split()[-1]) < 0.5, r.stdout
 
 
 def test_hadolint_clean():

@@ -39,8 +39,10 @@ normals from scrambled Sobol sets: the ones every step reuses (h*, omega_0, labe
 per step, the new ones (omega_s, dW_s), each set randomly permuted over the trajectories.
 Every trajectory's draws stay exactly i.i.d. N(0, I), so every average keeps its expectation.
 
-Standard errors: ``replicas`` independent populations of ``n_rep`` trajectories next to the
-main one; se = their sample standard deviation times ``sqrt(n_rep / N)`` (as the GLM solver).
+Standard errors (:data:`ERRORS`): ``replicas`` independent populations of ``n_rep``
+trajectories next to the main one; se = their sample standard deviation times
+``sqrt(n_rep / N)`` (as the GLM solver). Or batch means (large N): ``r`` independent
+populations of ``N / r``, values = their mean, se = their sd / sqrt(r).
 
 Activations: erf, tanh, relu. relu's ``sigma''`` is a delta mass at 0, which the pathwise
 tangent cannot see (its derivative is 0 almost surely; the response ``G`` would miss a term
@@ -196,6 +198,40 @@ def _sobol_uniforms(rng, n, d):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # n need not be a power of 2
         return sob.random(n)
+
+
+_SOBOL_SV = {}
+
+
+def _step_uniforms(rng, n, d):
+    """Bit-for-bit :func:`_sobol_uniforms` (same draws from ``rng``: LMS + digital shift, 30
+    bits), without constructing a ``qmc.Sobol`` (whose deep copy of ``rng`` cost ~2 ms per call,
+    once per step and population): scipy's own kernels on cached direction numbers. Falls back
+    to :func:`_sobol_uniforms` if scipy's private helpers move."""
+    try:
+        from scipy._lib._util import rng_integers
+        from scipy.stats._qmc import _rng_spawn
+        from scipy.stats._sobol import _cscramble, _draw
+    except ImportError:  # pragma: no cover
+        return _sobol_uniforms(rng, n, d)
+    rng = _rng_spawn(rng, 1)[0]  # as qmc.Sobol(seed=rng): a spawned child draws the scrambling
+    bits = 30
+    if d not in _SOBOL_SV:
+        from scipy.stats import qmc
+
+        _SOBOL_SV[d] = qmc.Sobol(d, scramble=False)._sv.copy()
+    sv = _SOBOL_SV[d].copy()
+    shift = np.dot(rng_integers(rng, 2, size=(d, bits), dtype=np.uint32),
+                   2 ** np.arange(bits, dtype=np.uint32))
+    ltm = np.tril(rng_integers(rng, 2, size=(d, bits, bits), dtype=np.uint32))
+    _cscramble(dim=d, bits=bits, ltm=ltm, sv=sv)
+    scale = 1.0 / 2 ** bits
+    first = (shift * scale).reshape(1, -1).astype(np.float64)
+    if n <= 1:
+        return first[:n]
+    out = np.empty((n - 1, d))
+    _draw(n=n - 1, num_gen=0, dim=d, scale=scale, sv=sv, quasi=shift.copy(), sample=out)
+    return np.concatenate([first, out])
 
 
 def _quantile(u):
@@ -882,7 +918,7 @@ class Population:
         perm = _NO_PERM
         uniform = self.init_sampling == "qmc_steps"
         if uniform:  # scrambled Sobol uniforms, randomly permuted over the trajectories
-            U = _sobol_uniforms(self.rng, n, d)
+            U = _step_uniforms(self.rng, n, d)
             perm = self.rng.permutation(n)
         elif s == 0:  # omega_0 is in _init; dW_0 from the generator
             U = np.empty((n, d))
@@ -1001,6 +1037,53 @@ def replica_plan(N, replicas=None, divisor=REPLICA_DIVISOR, min_size=MIN_REPLICA
     return [N] + [n_rep] * r
 
 
+#: Error estimation of :func:`stream` (``errors``): 'replicas' (the main population of N
+#: and :func:`replica_plan`'s smaller independent ones, whose spread rescaled by
+#: ``sqrt(n_rep / N)`` is the se) or 'batches' (batch means: ``r`` independent populations of
+#: ``n = N // r`` trajectories each, every one with the sampling of its own size
+#: (:func:`sampling_for`: quasi-random for ``n`` from QMC_MIN_SAMPLES on), stepped in lockstep;
+#: values are the means over the populations, se = their sample sd / sqrt(r): every
+#: trajectory enters the estimate and the se needs no scaling law, at the price of the
+#: ``O(1/n)`` bias of populations of n, not N; docs/committee.md, "Batch means").
+#: 'auto': 'batches' from BATCH_MIN_SAMPLES trajectories on (unless ``replicas`` is given).
+#: Measured (benchmark configuration: k = k* = 2, erf, tau = 0.5, delta = 2, T = 10; independent
+#: 'qmc_steps' populations, tangent on 1/4; 2026-11-26): the mean of eg(T) over populations of n
+#: fits mu + c/n with c/mu = 2.9 +- 2.4 (n = 2000 to 16000, chi^2 1.35 for 2 dof), a bias of
+#: 0.02% +- 0.015% at n = 16000, a fifth of a 0.1% standard error; the spread sd(eg) sqrt(n) / eg
+#: was 0.65-0.92 from n = 2000 to 16000 (0.68 at 16000, 57 populations; 0.78-0.90 inside engine
+#: runs of 8 x 16000 and 34 x 15882), no better per trajectory at large n, so batches lose
+#: nothing against one population of N. A 0.1% se of eg needs N ~ 6e5 (docs/committee.md).
+ERRORS = ("auto", "replicas", "batches")
+#: Batch size aimed at (:func:`batch_plan`): r = max(MIN_BATCHES, round(N / BATCH_SIZE)).
+#: MIN_BATCHES = 8: the se from r populations is itself uncertain by about 1/sqrt(2 (r - 1)),
+#: 27% for 8 (eight populations of N / 8 from N = 64000 to 128000; quasi-random from n = 8000).
+BATCH_SIZE = 16000
+MIN_BATCHES = 8
+BATCH_MIN_SAMPLES = 64000
+
+
+def errors_for(N: int, errors: str = "auto", replicas: int | None = None) -> str:
+    """The error mode a solve of ``N`` trajectories uses ('auto' resolved, see :data:`ERRORS`)."""
+    if errors not in ERRORS:
+        raise ValueError(f"errors must be one of {ERRORS}")
+    if errors != "auto":
+        return errors
+    return "batches" if replicas is None and int(N) >= BATCH_MIN_SAMPLES else "replicas"
+
+
+def batch_plan(N, batches=None, size=BATCH_SIZE):
+    """Population sizes ``[n] * r`` of ``errors='batches'``: ``r = batches`` if given, else
+    ``max(MIN_BATCHES, round(N / size))``; ``n = N // r`` (the ``N mod r`` rest is dropped)."""
+    N = int(N)
+    r = int(batches) if batches is not None else max(MIN_BATCHES, int(round(N / size)))
+    if r < 2:
+        raise ValueError("batch means need at least 2 populations")
+    n = N // r
+    if n < 1:
+        raise ValueError(f"{N} trajectories cannot fill {r} populations")
+    return [n] * r
+
+
 def check(exp):
     """ConfigError unless the experiment is a committee."""
     from ..config import ConfigError
@@ -1027,7 +1110,7 @@ def stream(exp, cancel=None, replicas: int | None = None, divisor: int = REPLICA
            kernels: bool = True, relu_width: float | None = None,
            tangent_fraction: float | None = None, kappa_estimator: str = KAPPA_ESTIMATOR,
            init_sampling: str = SAMPLING, mm_beta: float | None = None,
-           hist_dtype=HIST_DTYPE):
+           hist_dtype=HIST_DTYPE, errors: str = "auto", batches: int | None = None):
     """Monte Carlo DMFT of the committee (engine 'dmft-mc'): one Snapshot per recording step
     (every ``exp.record_every`` grid steps, and the last), yielded as soon as it is solved.
 
@@ -1040,10 +1123,22 @@ def stream(exp, cancel=None, replicas: int | None = None, divisor: int = REPLICA
     kernel width relative to the field's scale (default :func:`relu_width_for` of N, the same
     in every population); ``tangent_fraction``: share of each population that carries the
     tangent (default :func:`tangent_fraction_for` of N); ``hist_dtype``: storage of the
-    per-trajectory histories (:data:`HIST_DTYPE`; ``np.float64`` for the old engine)."""
+    per-trajectory histories (:data:`HIST_DTYPE`; ``np.float64`` for the old engine).
+
+    ``errors`` (:data:`ERRORS`, :func:`errors_for`): with 'batches' there is no main
+    population: ``batches`` (default :func:`batch_plan`) independent populations of
+    ``n = N // r``, each with the sampling and tangent fraction of its own size ``n``
+    (:func:`sampling_for`, :func:`tangent_fraction_for`) and the relu width of N; values and
+    ``extras['kernels']`` are the means over the populations, se = sd / sqrt(r); any population
+    diverging raises SolverError (the mean is then undefined)."""
     from ..snapshot import Snapshot, SolverError
 
     check(exp)
+    if errors_for(exp.samples, errors, replicas) == "batches":
+        yield from _stream_batches(exp, cancel, batches, kappa_mode, mm_estimator, kernels,
+                                   relu_width, tangent_fraction, kappa_estimator, init_sampling,
+                                   mm_beta, hist_dtype)
+        return
     K = exp.steps
     sizes = replica_plan(exp.samples, replicas, divisor, min_replica)
     seqs = np.random.SeedSequence(exp.seed).spawn(len(sizes))
@@ -1094,6 +1189,98 @@ def stream(exp, cancel=None, replicas: int | None = None, divisor: int = REPLICA
             extras["kernels"] = pops[0].kernels(s)
         yield Snapshot(t=t, step=s, epochs=float(exp.epochs(t)), values=values, se=se,
                        extras=extras, engine=ENGINE, progress=s / K)
+
+
+def _stream_batches(exp, cancel, batches, kappa_mode, mm_estimator, kernels, relu_width,
+                    tangent_fraction, kappa_estimator, init_sampling, mm_beta, hist_dtype):
+    """:func:`stream` with ``errors='batches'``: :func:`batch_plan` populations in lockstep."""
+    from ..snapshot import SolverError
+
+    K = exp.steps
+    sizes = batch_plan(exp.samples, batches)
+    r, n = len(sizes), sizes[0]
+    seqs = np.random.SeedSequence(exp.seed).spawn(r)
+    # relu: the kernel width of the whole solve (its variance O(1/(n eps)) averages over the
+    # r populations like that of one population of N; RELU_MIN_WIDTH bounds it below)
+    width = relu_width if relu_width is not None else relu_width_for(exp.samples)
+    frac = tangent_fraction if tangent_fraction is not None else tangent_fraction_for(n)
+    sampling = sampling_for(n, init_sampling)
+    pops = [Population(exp, n, sq, kappa_mode, mm_estimator, width, frac, kappa_estimator,
+                       sampling, mm_beta, hist_dtype) for sq in seqs]
+    with _PopulationWorkers() as workers:
+        for s in range(K + 1):
+            if cancel is not None and cancel.is_set():
+                return
+            try:
+                workers.step(pops, s, cancel)
+            except Cancelled:
+                return
+            for g, p in enumerate(pops):
+                if not p.finite(s):
+                    raise SolverError(f"diverged at t={s * exp.dt:.4g} (grid step {s}, "
+                                      f"population {g + 1} of {r}): "
+                                      + ("lower tau or dt" if exp.tau > 0 else "lower dt"),
+                                      parameter="tau" if exp.tau > 0 else "dt")
+            yield from _batch_snapshot(exp, pops, s, kernels)
+
+
+class _PopulationWorkers:
+    """Steps independent populations side by side: one Python thread per numba thread, each
+    running its populations' kernels on one thread (the kernels release the GIL). One
+    population's step parallelises poorly over 2 threads (the serial draws, the deterministic
+    part and short parallel regions between them: 1.3-1.4x measured at n = 16000); two
+    populations at once on one thread each were 1.2-1.3x faster than in turn on two threads
+    (4 x 16000, benchmark configuration, quiet 2 cores, 2026-11-26). Same results bit for bit:
+    every population keeps its own generator."""
+
+    def __init__(self):
+        import numba
+
+        self.threads = max(1, numba.get_num_threads())
+        self._ex = None
+
+    def __enter__(self):
+        if self.threads > 1:
+            import numba
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._ex = ThreadPoolExecutor(self.threads, thread_name_prefix="dmft-pop",
+                                          initializer=numba.set_num_threads, initargs=(1,))
+        return self
+
+    def __exit__(self, *exc):
+        if self._ex is not None:
+            self._ex.shutdown(wait=True, cancel_futures=True)
+
+    def step(self, pops, s, cancel):
+        if self._ex is None:
+            for p in pops:
+                p.step(s, cancel)
+            return
+        futures = [self._ex.submit(p.step, s, cancel) for p in pops]
+        for f in futures:
+            f.result()  # re-raises Cancelled (or an error) of a population
+
+
+def _batch_snapshot(exp, pops, s, kernels):
+    """The batch-means Snapshot of step ``s`` (none between recording steps)."""
+    from ..snapshot import Snapshot
+
+    K, r = exp.steps, len(pops)
+    if not (s % exp.record_every == 0 or s == K):
+        return
+    obs = _observables(exp, pops, s)
+    values, se = {}, {}
+    for key, x in obs.items():
+        ok = bool(np.all(np.isfinite(x)))
+        values[key] = float(np.mean(x)) if ok else math.nan
+        se[key] = float(np.std(x, ddof=1) / math.sqrt(r)) if ok else math.nan
+    extras = {}
+    if kernels and s == K:
+        ks = [p.kernels(s) for p in pops]
+        extras["kernels"] = {key: np.mean([q[key] for q in ks], axis=0) for key in ks[0]}
+    yield Snapshot(t=s * exp.dt, step=s, epochs=float(exp.epochs(s * exp.dt)), values=values,
+                   se=se, extras=extras, engine=ENGINE, progress=s / K)
 
 
 def solve(exp, cancel=None, callback=None, **kw):
