@@ -86,14 +86,20 @@ def dockerfile_cmd() -> list[str]:
     return json.loads(m.group(1))
 
 
-def image_env() -> dict:
-    """The Dockerfile's memory-allocator settings (``ENV`` lines: LD_PRELOAD, PYTHONMALLOC,
-    MALLOC_CONF), which the server gets as in the image; {} where the preloaded library does
-    not load on this machine (then the server runs with Python's allocator: say so)."""
+def dockerfile_env() -> dict:
+    """The Dockerfile's ENV settings (``KEY=VALUE`` forms, continuation lines joined)."""
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
     env: dict = {}
     for m in re.finditer(r"^ENV\s+(.*)$", text, re.M):
         env.update(re.findall(r"(\w+)=(\S*)", m.group(1)))
+    return env
+
+
+def image_env() -> dict:
+    """The Dockerfile's memory-allocator settings (``ENV`` lines: LD_PRELOAD, PYTHONMALLOC,
+    MALLOC_CONF), which the server gets as in the image; {} where the preloaded library does
+    not load on this machine (then the server runs with Python's allocator: say so)."""
+    env = dockerfile_env()
     alloc = {k: env[k] for k in ("LD_PRELOAD", "PYTHONMALLOC", "MALLOC_CONF") if env.get(k)}
     if alloc.get("LD_PRELOAD"):
         r = subprocess.run([sys.executable, "-c", "pass"], capture_output=True, text=True,

@@ -17,38 +17,27 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def dockerfile_cmd():
-    text = (ROOT / "Dockerfile").read_text()
-    m = re.search(r"^CMD\s+(\[.*\])\s*$", text, re.M)
-    assert m, "Dockerfile has no exec-form CMD"
-    return json.loads(m.group(1))
+
+def _load_benchmark():
+    """benchmarks/load.py, loaded by path (its directory stays off sys.path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sgf_dmft_load_benchmark",
+                                                  ROOT / "benchmarks" / "load.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def dockerfile_env():
-    """The Dockerfile's ENV settings (``KEY=VALUE`` forms, continuation lines joined)."""
-    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
-    env = {}
-    for m in re.finditer(r"^ENV\s+(.*)$", text, re.M):
-        env.update(re.findall(r"(\w+)=(\S*)", m.group(1)))
-    return env
+# the load test's readers of the Dockerfile (CMD, ENV, the allocator settings it gives the server)
+_load = _load_benchmark()
+dockerfile_cmd, dockerfile_env, allocator_env = (_load.dockerfile_cmd, _load.dockerfile_env,
+                                                 _load.image_env)
 
 
 # the allocator the image preloads -> the Debian package that installs it (docs/deploy.md,
 # "Session 5: memory")
 ALLOCATOR_PACKAGES = {"libjemalloc.so.2": "libjemalloc2", "libmimalloc.so.2": "libmimalloc2.0"}
-
-
-def allocator_env():
-    """The image's allocator settings, where the preloaded library loads here too ({} if not)."""
-    env = dockerfile_env()
-    keys = ("LD_PRELOAD", "PYTHONMALLOC", "MALLOC_CONF")
-    alloc = {k: env[k] for k in keys if env.get(k)}
-    if "LD_PRELOAD" in alloc:
-        r = subprocess.run([sys.executable, "-c", "pass"], capture_output=True, text=True,
-                           env=dict(os.environ, LD_PRELOAD=alloc["LD_PRELOAD"]))
-        if r.returncode or "cannot be preloaded" in r.stderr:
-            return {}
-    return alloc
 
 
 def free_port():
