@@ -184,7 +184,7 @@ def _initial_normals(rng, n, d, k, how):
         z[:, d - 1] = rng.standard_normal(n)
         z[:, d - 1 - k:d - 1] = rng.standard_normal((n, k))
         return z
-    return _quantile(_sobol_uniforms(rng, n, d))
+    return _quantile(_step_uniforms(rng, n, d))
 
 
 def _sobol_uniforms(rng, n, d):
@@ -1131,7 +1131,7 @@ def stream(exp, cancel=None, replicas: int | None = None, divisor: int = REPLICA
     (:func:`sampling_for`, :func:`tangent_fraction_for`) and the relu width of N; values and
     ``extras['kernels']`` are the means over the populations, se = sd / sqrt(r); any population
     diverging raises SolverError (the mean is then undefined)."""
-    from ..snapshot import Snapshot, SolverError
+    from ..snapshot import Snapshot
 
     check(exp)
     if errors_for(exp.samples, errors, replicas) == "batches":
@@ -1169,9 +1169,7 @@ def stream(exp, cancel=None, replicas: int | None = None, divisor: int = REPLICA
                     return
                 alive[g] = p.finite(s)
         if not alive[0]:
-            raise SolverError(f"diverged at t={s * exp.dt:.4g} (grid step {s}): "
-                              + ("lower tau or dt" if exp.tau > 0 else "lower dt"),
-                              parameter="tau" if exp.tau > 0 else "dt")
+            raise _diverged(exp, s)
         if not (s % exp.record_every == 0 or s == K):
             continue
         obs = _observables(exp, pops, s)
@@ -1191,11 +1189,18 @@ def stream(exp, cancel=None, replicas: int | None = None, divisor: int = REPLICA
                        extras=extras, engine=ENGINE, progress=s / K)
 
 
+def _diverged(exp, s, where=""):
+    """The SolverError of a population that became non-finite at grid step ``s``."""
+    from ..snapshot import SolverError
+
+    return SolverError(f"diverged at t={s * exp.dt:.4g} (grid step {s}{where}): "
+                       + ("lower tau or dt" if exp.tau > 0 else "lower dt"),
+                       parameter="tau" if exp.tau > 0 else "dt")
+
+
 def _stream_batches(exp, cancel, batches, kappa_mode, mm_estimator, kernels, relu_width,
                     tangent_fraction, kappa_estimator, init_sampling, mm_beta, hist_dtype):
     """:func:`stream` with ``errors='batches'``: :func:`batch_plan` populations in lockstep."""
-    from ..snapshot import SolverError
-
     K = exp.steps
     sizes = batch_plan(exp.samples, batches)
     r, n = len(sizes), sizes[0]
@@ -1217,10 +1222,7 @@ def _stream_batches(exp, cancel, batches, kappa_mode, mm_estimator, kernels, rel
                 return
             for g, p in enumerate(pops):
                 if not p.finite(s):
-                    raise SolverError(f"diverged at t={s * exp.dt:.4g} (grid step {s}, "
-                                      f"population {g + 1} of {r}): "
-                                      + ("lower tau or dt" if exp.tau > 0 else "lower dt"),
-                                      parameter="tau" if exp.tau > 0 else "dt")
+                    raise _diverged(exp, s, f", population {g + 1} of {r}")
             yield from _batch_snapshot(exp, pops, s, kernels)
 
 
