@@ -44,7 +44,12 @@ def test_step_uniforms_are_scipys_sobol_points():
 
 def test_plan_and_auto():
     assert dc.batch_plan(64000) == [8000] * 8
-    assert dc.batch_plan(340000) == [16190] * 21
+    assert dc.batch_plan(340000) == [34000] * 10  # even r nearest N / 32000
+    assert dc.batch_plan(600000) == [33333] * 18
+    # the tangent: 1/4 of a population up to 16000, then about BATCH_TANGENT trajectories
+    assert dc.batch_tangent_fraction(8000) == 0.25
+    assert dc.batch_tangent_fraction(16000) == 0.25
+    assert dc.batch_tangent_fraction(33333) * 33333 == 33333 // 8
     assert dc.batch_plan(8001, 4) == [2000] * 4
     with pytest.raises(ValueError):
         dc.batch_plan(8000, 1)

@@ -52,6 +52,7 @@ by a Gaussian kernel of width ``eps_a = w sqrt(C[s,s,a,a])``, ``w`` from
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -246,7 +247,7 @@ _NO_DRAWS = np.empty((0, 1))
 _NO_PERM = np.empty(0, dtype=np.int64)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=False)  # set, not inherited from the caller
 def _ndtri(p):
     """Normal quantile (Wichura's AS 241, PPND16: relative error ~1e-16), for the
     quasi-random uniforms inside the parallel step; ``p`` clipped as in
@@ -286,6 +287,33 @@ def _ndtri(p):
                + 0.0148753612908506148525) * r + 0.13692988092273580531) * r
              + 0.59983220655588793769) * r + 1.0)
     return -val if q < 0.0 else val
+
+
+@njit(cache=True, nogil=True, fastmath=False, error_model="numpy")  # numpy: SIMD division
+def _ndtri_lanes(p, out, c):
+    """``out[l] = _ndtri(p[l])`` for ``l < c``, bit for bit (both without fastmath, set
+    explicitly: numba would otherwise compile them with the flags of their first caller, and
+    cache that): the central branch (``|p - 1/2| <= 0.425``, 85% of the uniforms) for every
+    lane in one vectorised pass, then the tails one by one. The scalar kernel (a branch and a division per draw) took ~20% of a block's
+    time without tangent (3 draws per trajectory and step, k = 2, s = 120)."""
+    hi = 1.0 - 2.0 ** -53
+    for l in range(c):
+        x = p[l]  # the clip of _ndtri as selects (equal but for NaN, which the tail pass redoes)
+        x = x if x > 1e-300 else 1e-300
+        q = (x if x < hi else hi) - 0.5
+        r = 0.180625 - q * q
+        out[l] = q * (((((((2509.0809287301226727 * r + 33430.575583588128105) * r
+                           + 67265.770927008700853) * r + 45921.953931549871457) * r
+                         + 13731.693765509461125) * r + 1971.5909503065514427) * r
+                       + 133.14166789178437745) * r + 3.387132872796366608) / (
+            ((((((5226.495278852545925 * r + 28729.085735721942674) * r
+                 + 39307.89580009271061) * r + 21213.794301586595867) * r
+               + 5394.1960214247511077) * r + 687.1870074920579083) * r
+             + 42.313330701600911252) * r + 1.0)
+    for l in range(c):
+        q = min(max(p[l], 1e-300), 1.0 - 2.0 ** -53) - 0.5
+        if not abs(q) <= 0.425:
+            out[l] = _ndtri(p[l])
 
 
 class Cancelled(Exception):
@@ -420,112 +448,141 @@ def _d2(code, x, inv_eps):
 
 
 @njit(cache=True, nogil=True, fastmath=FMA)
-def _finish(j, k, c, acc, ub, V):
-    """Lanes ``< c``: ``V[j] = -acc[j] u[j]`` (k x k blocks)."""
-    for a in range(k):
-        for e in range(k):
-            for l in range(c):
-                V[j, a, e, l] = 0.0
-        for f in range(k):
-            for e in range(k):
-                x = acc[j, a, f]
+def _finish(j, k, acc, ub, V):
+    """``V[j] = -acc[:, j] u[j]`` (k x k blocks, all ``BLOCK`` lanes; layouts of
+    :func:`_tangent_block`)."""
+    for e in range(k):
+        out = V[j, e]
+        for a in range(k):
+            o = a * BLOCK
+            for l in range(BLOCK):
+                out[o + l] = 0.0
+            for f in range(k):
+                x = acc[f, j]
                 y = ub[j, f, e]
-                out = V[j, a, e]
-                for l in range(c):
-                    out[l] -= x[l] * y[l]
+                for l in range(BLOCK):
+                    out[o + l] -= x[o + l] * y[l]
 
 
 @njit(cache=True, nogil=True, fastmath=FMA)
-def _retire1(kp, lo, hi, k, c, R, V, acc):
-    """``acc[mm] += V[kp] R[kp, mm+1]`` for ``lo <= mm < hi`` (lanes ``< c``)."""
+def _retire1(kp, lo, hi, k, R, V, acc):
+    """``acc[:, mm] += V[kp] R[kp, mm+1]`` for ``lo <= mm < hi``."""
     for mm in range(lo, hi):
-        for a in range(k):
-            for e in range(k):
-                out = acc[mm, a, e]
-                for f in range(k):
-                    r = R[kp, mm + 1, f, e]
-                    x = V[kp, a, f]
-                    for l in range(c):
-                        out[l] += x[l] * r
+        for e in range(k):
+            out = acc[e, mm]
+            for f in range(k):
+                r = R[kp, mm + 1, f, e]
+                x = V[kp, f]
+                for l in range(k * BLOCK):
+                    out[l] += x[l] * r
 
 
 @njit(cache=True, nogil=True, fastmath=FMA)
-def _retire4(kp, hi, k, c, R, V, acc):
-    """``acc[mm] += sum_{q<4} V[kp-q] R[kp-q, mm+1]`` for ``mm < hi``: four rows retired per
-    pass over ``acc`` (lanes ``< c``; ``k = 2`` spelt out, the common case)."""
+def _retire4(kp, hi, k, R, V, acc):
+    """``acc[:, mm] += sum_{q<4} V[kp-q] R[kp-q, mm+1]`` for ``mm < hi``: four rows retired
+    per pass over ``acc`` (``k = 2`` spelt out, the common case)."""
     if k == 2:
-        _retire4_k2(kp, hi, c, R, V, acc)
+        _retire4_k2(kp, hi, R, V, acc)
         return
-    R1 = R[kp]
-    R2 = R[kp - 1]
-    R3 = R[kp - 2]
-    R4 = R[kp - 3]
     for mm in range(hi):
-        for a in range(k):
-            for e in range(k):
-                for f in range(k):
-                    r1 = R1[mm + 1, f, e]
-                    r2 = R2[mm + 1, f, e]
-                    r3 = R3[mm + 1, f, e]
-                    r4 = R4[mm + 1, f, e]
-                    for l in range(c):
-                        acc[mm, a, e, l] += (V[kp, a, f, l] * r1 + V[kp - 1, a, f, l] * r2
-                                             + V[kp - 2, a, f, l] * r3 + V[kp - 3, a, f, l] * r4)
+        for e in range(k):
+            out = acc[e, mm]
+            for f in range(k):
+                r1 = R[kp, mm + 1, f, e]
+                r2 = R[kp - 1, mm + 1, f, e]
+                r3 = R[kp - 2, mm + 1, f, e]
+                r4 = R[kp - 3, mm + 1, f, e]
+                x1 = V[kp, f]
+                x2 = V[kp - 1, f]
+                x3 = V[kp - 2, f]
+                x4 = V[kp - 3, f]
+                for l in range(k * BLOCK):
+                    out[l] += (x1[l] * r1 + x2[l] * r2) + (x3[l] * r3 + x4[l] * r4)
 
 
 @njit(cache=True, nogil=True, fastmath=FMA)
-def _retire4_k2(kp, hi, c, R, V, acc):
-    """:func:`_retire4` for ``k = 2``. One store per lane loop: with more, LLVM needs too many
-    run-time alias checks and leaves the loop scalar (2-3 times slower)."""
+def _retire4_k2(kp, hi, R, V, acc):
+    """:func:`_retire4` for ``k = 2``: both columns ``e`` in one loop over the ``2 BLOCK``
+    entries ``(a, lane)`` (each ``V`` row loaded once for two outputs, ``R`` broadcast once for
+    both rows ``a``). ``acc[0]``, ``acc[1]`` are separate ranges of memory, so LLVM's run-time
+    alias checks (hoisted out of the ``mm`` loop) pass; two outputs in ``acc[mm, a, e]``
+    order overlap there and the loop runs scalar, 5-6 times slower."""
+    v0 = V[kp, 0]
+    v1 = V[kp, 1]
+    v2 = V[kp - 1, 0]
+    v3 = V[kp - 1, 1]
+    v4 = V[kp - 2, 0]
+    v5 = V[kp - 2, 1]
+    v6 = V[kp - 3, 0]
+    v7 = V[kp - 3, 1]
     for mm in range(hi):
-        for a in range(2):
-            for e in range(2):
-                r0 = R[kp, mm + 1, 0, e]
-                r1 = R[kp, mm + 1, 1, e]
-                r2 = R[kp - 1, mm + 1, 0, e]
-                r3 = R[kp - 1, mm + 1, 1, e]
-                r4 = R[kp - 2, mm + 1, 0, e]
-                r5 = R[kp - 2, mm + 1, 1, e]
-                r6 = R[kp - 3, mm + 1, 0, e]
-                r7 = R[kp - 3, mm + 1, 1, e]
-                for l in range(c):
-                    acc[mm, a, e, l] += ((V[kp, a, 0, l] * r0 + V[kp, a, 1, l] * r1)
-                                         + (V[kp - 1, a, 0, l] * r2 + V[kp - 1, a, 1, l] * r3)
-                                         + (V[kp - 2, a, 0, l] * r4 + V[kp - 2, a, 1, l] * r5)
-                                         + (V[kp - 3, a, 0, l] * r6 + V[kp - 3, a, 1, l] * r7))
+        r0 = R[kp, mm + 1, 0, 0]
+        r1 = R[kp, mm + 1, 1, 0]
+        r2 = R[kp - 1, mm + 1, 0, 0]
+        r3 = R[kp - 1, mm + 1, 1, 0]
+        r4 = R[kp - 2, mm + 1, 0, 0]
+        r5 = R[kp - 2, mm + 1, 1, 0]
+        r6 = R[kp - 3, mm + 1, 0, 0]
+        r7 = R[kp - 3, mm + 1, 1, 0]
+        s0 = R[kp, mm + 1, 0, 1]
+        s1 = R[kp, mm + 1, 1, 1]
+        s2 = R[kp - 1, mm + 1, 0, 1]
+        s3 = R[kp - 1, mm + 1, 1, 1]
+        s4 = R[kp - 2, mm + 1, 0, 1]
+        s5 = R[kp - 2, mm + 1, 1, 1]
+        s6 = R[kp - 3, mm + 1, 0, 1]
+        s7 = R[kp - 3, mm + 1, 1, 1]
+        o0 = acc[0, mm]
+        o1 = acc[1, mm]
+        for l in range(2 * BLOCK):
+            x0 = v0[l]
+            x1 = v1[l]
+            x2 = v2[l]
+            x3 = v3[l]
+            x4 = v4[l]
+            x5 = v5[l]
+            x6 = v6[l]
+            x7 = v7[l]
+            o0[l] += (((x0 * r0 + x1 * r1) + (x2 * r2 + x3 * r3))
+                      + ((x4 * r4 + x5 * r5) + (x6 * r6 + x7 * r7)))
+            o1[l] += (((x0 * s0 + x1 * s1) + (x2 * s2 + x3 * s3))
+                      + ((x4 * s4 + x5 * s5) + (x6 * s6 + x7 * s7)))
 
 
 @njit(cache=True, nogil=True)
-def _tangent_block(s, k, c, R, ub, V, acc):
-    """Tangent rows ``V[m] = chi[s, m]`` (``m <= s``; blocks ``k x k``, ``c`` lanes) by the
+def _tangent_block(s, k, R, ub, V, acc):
+    """Tangent rows ``chi[s, m]`` (``m <= s``; blocks ``k x k``, all ``BLOCK`` lanes) by the
     adjoint recursion ``V[s] = I``, ``V[m] = -(sum_{m < s' <= s} V[s'] R[s', m+1]) u[m]``,
-    rows retired four at a time (as :func:`solver.dmft.glm._tangent_row`)."""
-    for a in range(k):
-        for e in range(k):
-            for l in range(c):
-                V[s, a, e, l] = 1.0 if a == e else 0.0
-    for mm in range(s):
+    rows retired four at a time (as :func:`solver.dmft.glm._tangent_row`). Layouts: entry
+    ``(a, e)`` of block ``m`` at ``V[m, e, a BLOCK + lane]`` (shape ``(s + 1, k, k BLOCK)``),
+    of the partial sum at ``acc[e, m, a BLOCK + lane]`` (``(k, s + 1, k BLOCK)``): a row ``e``
+    of either is ``k BLOCK`` contiguous entries ``(a, lane)``, the unit of the retire loops; the
+    padding lanes of a short block carry ``u = 0`` and stay finite."""
+    for e in range(k):
         for a in range(k):
-            for e in range(k):
-                for l in range(c):
-                    acc[mm, a, e, l] = 0.0
+            for l in range(BLOCK):
+                V[s, e, a * BLOCK + l] = 1.0 if a == e else 0.0
+    for e in range(k):
+        for mm in range(s):
+            for l in range(k * BLOCK):
+                acc[e, mm, l] = 0.0
     kp = s
     while kp >= 4:
-        _retire1(kp, kp - 1, kp, k, c, R, V, acc)
-        _finish(kp - 1, k, c, acc, ub, V)
-        _retire1(kp, kp - 2, kp - 1, k, c, R, V, acc)
-        _retire1(kp - 1, kp - 2, kp - 1, k, c, R, V, acc)
-        _finish(kp - 2, k, c, acc, ub, V)
-        _retire1(kp, kp - 3, kp - 2, k, c, R, V, acc)
-        _retire1(kp - 1, kp - 3, kp - 2, k, c, R, V, acc)
-        _retire1(kp - 2, kp - 3, kp - 2, k, c, R, V, acc)
-        _finish(kp - 3, k, c, acc, ub, V)
-        _retire4(kp, kp - 3, k, c, R, V, acc)
-        _finish(kp - 4, k, c, acc, ub, V)
+        _retire1(kp, kp - 1, kp, k, R, V, acc)
+        _finish(kp - 1, k, acc, ub, V)
+        _retire1(kp, kp - 2, kp - 1, k, R, V, acc)
+        _retire1(kp - 1, kp - 2, kp - 1, k, R, V, acc)
+        _finish(kp - 2, k, acc, ub, V)
+        _retire1(kp, kp - 3, kp - 2, k, R, V, acc)
+        _retire1(kp - 1, kp - 3, kp - 2, k, R, V, acc)
+        _retire1(kp - 2, kp - 3, kp - 2, k, R, V, acc)
+        _finish(kp - 3, k, acc, ub, V)
+        _retire4(kp, kp - 3, k, R, V, acc)
+        _finish(kp - 4, k, acc, ub, V)
         kp -= 4
     while kp >= 1:
-        _retire1(kp, 0, kp, k, c, R, V, acc)
-        _finish(kp - 1, k, c, acc, ub, V)
+        _retire1(kp, 0, kp, k, R, V, acc)
+        _finish(kp - 1, k, acc, ub, V)
         kp -= 1
 
 
@@ -551,6 +608,42 @@ def _lincomb(coef, rows, nrows, c, out):
         x0 = rows[q]
         for l in range(c):
             out[l] += c0 * x0[l]
+        q += 1
+
+
+@njit(cache=True, nogil=True, fastmath=FIELD_FM)
+def _lincomb2(coef0, coef1, rows, nrows, out0, out1):
+    """:func:`_lincomb` for two coefficient rows at once, over all ``BLOCK`` lanes: each
+    history row is loaded and widened once for both outputs (``k = 2``)."""
+    q = 0
+    while q + 4 <= nrows:
+        a0 = coef0[q]
+        a1 = coef0[q + 1]
+        a2 = coef0[q + 2]
+        a3 = coef0[q + 3]
+        b0 = coef1[q]
+        b1 = coef1[q + 1]
+        b2 = coef1[q + 2]
+        b3 = coef1[q + 3]
+        x0 = rows[q]
+        x1 = rows[q + 1]
+        x2 = rows[q + 2]
+        x3 = rows[q + 3]
+        for l in range(BLOCK):
+            y0 = x0[l]
+            y1 = x1[l]
+            y2 = x2[l]
+            y3 = x3[l]
+            out0[l] += (a0 * y0 + a1 * y1) + (a2 * y2 + a3 * y3)
+            out1[l] += (b0 * y0 + b1 * y1) + (b2 * y2 + b3 * y3)
+        q += 4
+    while q < nrows:
+        a0 = coef0[q]
+        b0 = coef1[q]
+        x0 = rows[q]
+        for l in range(BLOCK):
+            out0[l] += a0 * x0[l]
+            out1[l] += b0 * x0[l]
         q += 1
 
 
@@ -596,15 +689,22 @@ def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, 
         c = i1 - i0
         if fresh:
             zd = z[ib]
-            for l in range(c):
-                i = i0 + l
-                src = perm[i] if useperm else i
-                for a in range(k):
-                    x = U[src, a]
-                    zd[r0 + a, l] = _ndtri(x) if uniform else x
-                if tau > 0.0:
-                    x = U[src, k]
-                    dW[i] = sqdt * (_ndtri(x) if uniform else x)
+            pu = np.empty(BLOCK)
+            nu = np.empty(BLOCK)
+            for a in range(k + 1 if tau > 0.0 else k):
+                for l in range(c):
+                    i = i0 + l
+                    pu[l] = U[perm[i] if useperm else i, a]
+                if uniform:
+                    _ndtri_lanes(pu, nu, c)
+                else:
+                    nu[:c] = pu[:c]
+                if a < k:
+                    for l in range(c):
+                        zd[r0 + a, l] = nu[l]
+                else:
+                    for l in range(c):
+                        dW[i0 + l] = sqdt * nu[l]
         for mm in range(s + 1):
             for a in range(k):
                 for e in range(k):
@@ -628,9 +728,14 @@ def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, 
         # fields of the block's lanes: omega_s (conditional draw), minus the memory term
         H = np.zeros((k, BLOCK))
         dAf = dAb.reshape((dAb.shape[0] * k, BLOCK))  # rows j * k + e
-        for a in range(k):
-            _lincomb(L[r0 + a], zb, r0 + a + 1, c, H[a])
-            _lincomb(Rm[a], dAf, s * k, c, H[a])
+        if k == 2:  # L[r0, r0 + 1] = 0: both components over the same rows (all lanes;
+            # the padding lanes' histories are 0)
+            _lincomb2(L[r0], L[r0 + 1], zb, r0 + 2, H[0], H[1])
+            _lincomb2(Rm[0], Rm[1], dAf, s * k, H[0], H[1])
+        else:
+            for a in range(k):
+                _lincomb(L[r0 + a], zb, r0 + a + 1, c, H[a])
+                _lincomb(Rm[a], dAf, s * k, c, H[a])
         # pathwise kappa: J_s = dh_s/dh* = -sum_{j<s} R[s, j+1] Dw_j   (k x k*, lanes)
         Jm = np.zeros((k, ks, BLOCK))
         Db = Dw[ib if kdir else 0]
@@ -759,9 +864,9 @@ def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, 
         if not tang:
             continue
         # tangent rows chi[s, :] of the block's lanes, then G samples l''_s chi[s, m]
-        V = np.empty((s + 1, k, k, BLOCK), dtype=ub.dtype)
-        acc = np.empty((s + 1, k, k, BLOCK), dtype=ub.dtype)
-        _tangent_block(s, k, c, Rt, ub, V, acc)
+        V = np.empty((s + 1, k, k * BLOCK), dtype=ub.dtype)
+        acc = np.empty((k, s + 1, k * BLOCK), dtype=ub.dtype)
+        _tangent_block(s, k, Rt, ub, V, acc)
         for l in range(c):
             if not good[l]:
                 for a in range(k):
@@ -774,7 +879,7 @@ def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, 
                     for f in range(k):
                         for l in range(c):
                             if good[l]:
-                                x += app[a, f, l] * V[mm, f, e, l]
+                                x += app[a, f, l] * V[mm, e, f * BLOCK + l]
                     pG[ib, mm, a, e] = x
 
 
@@ -782,13 +887,14 @@ def _population_step(blk0, blk1, s, ks, code, vvec, dt, delta, tau, inv_eps, L, 
 def _block_sum(p, nrows, s):
     """``p[:nrows, :s+1].sum(axis=0)`` (blocks added in order, as numpy does; no temporary)."""
     k = p.shape[2]
-    out = np.zeros((s + 1, k, k))
+    m = (s + 1) * k * k
+    flat = p.reshape((p.shape[0], p.shape[1] * k * k))
+    out = np.zeros(m)
     for ib in range(nrows):
-        for mm in range(s + 1):
-            for a in range(k):
-                for e in range(k):
-                    out[mm, a, e] += p[ib, mm, a, e]
-    return out
+        row = flat[ib]
+        for q in range(m):  # one contiguous (vectorised) pass per block
+            out[q] += row[q]
+    return out.reshape((s + 1, k, k))
 
 
 @njit(cache=True, nogil=True)
@@ -1054,12 +1160,21 @@ def replica_plan(N, replicas=None, divisor=REPLICA_DIVISOR, min_size=MIN_REPLICA
 #: runs of 8 x 16000 and 34 x 15882), no better per trajectory at large n, so batches lose
 #: nothing against one population of N. A 0.1% se of eg needs N ~ 6e5 (docs/committee.md).
 ERRORS = ("auto", "replicas", "batches")
-#: Batch size aimed at (:func:`batch_plan`): r = max(MIN_BATCHES, round(N / BATCH_SIZE)).
+#: Batch size aimed at (:func:`batch_plan`): r = max(MIN_BATCHES, the even number nearest
+#: N / BATCH_SIZE) (even: the populations run two side by side, :class:`_PopulationWorkers`).
 #: MIN_BATCHES = 8: the se from r populations is itself uncertain by about 1/sqrt(2 (r - 1)),
-#: 27% for 8 (eight populations of N / 8 from N = 64000 to 128000; quasi-random from n = 8000).
-BATCH_SIZE = 16000
+#: 27% for 8 (eight populations of N / 8 from N = 64000 to 256000; quasi-random from n = 8000).
+#: 32000 rather than 16000 (2026-11-27, docs/committee.md "Tangent share of the batch
+#: populations"): with the tangent on BATCH_TANGENT trajectories either way, a population of
+#: 32000 cost 0.66-0.68x the CPU per trajectory of one of 16000 with the tangent on 1/4, for
+#: 1.15x the variance per trajectory, and halves the populations' O(1/n) bias.
+BATCH_SIZE = 32000
 MIN_BATCHES = 8
 BATCH_MIN_SAMPLES = 64000
+#: Trajectories of a batch population that carry the tangent (:func:`batch_tangent_fraction`):
+#: G's noise biases eg(T) by c/N_t with c/eg = 0.49 +- 0.35 (paired fractions of the same
+#: populations, 2026-11-27): +0.012% +- 0.009% at 4000, independent of the population's size.
+BATCH_TANGENT = 4000
 
 
 def errors_for(N: int, errors: str = "auto", replicas: int | None = None) -> str:
@@ -1073,15 +1188,23 @@ def errors_for(N: int, errors: str = "auto", replicas: int | None = None) -> str
 
 def batch_plan(N, batches=None, size=BATCH_SIZE):
     """Population sizes ``[n] * r`` of ``errors='batches'``: ``r = batches`` if given, else
-    ``max(MIN_BATCHES, round(N / size))``; ``n = N // r`` (the ``N mod r`` rest is dropped)."""
+    ``max(MIN_BATCHES, 2 round(N / (2 size)))``; ``n = N // r`` (the ``N mod r`` rest is
+    dropped)."""
     N = int(N)
-    r = int(batches) if batches is not None else max(MIN_BATCHES, int(round(N / size)))
+    r = int(batches) if batches is not None else max(MIN_BATCHES, 2 * int(round(N / (2 * size))))
     if r < 2:
         raise ValueError("batch means need at least 2 populations")
     n = N // r
     if n < 1:
         raise ValueError(f"{N} trajectories cannot fill {r} populations")
     return [n] * r
+
+
+def batch_tangent_fraction(n, size=BATCH_TANGENT):
+    """Tangent fraction of a batch population of ``n``: ``n // d`` trajectories with
+    ``d = max(TANGENT_DIVISOR, n // size)`` (1/4 up to n = 16000, then about ``size``)."""
+    n = max(int(n), 1)
+    return tangent_fraction_for(n, divisor=max(TANGENT_DIVISOR, n // int(size)))
 
 
 def check(exp):
@@ -1128,7 +1251,7 @@ def stream(exp, cancel=None, replicas: int | None = None, divisor: int = REPLICA
     ``errors`` (:data:`ERRORS`, :func:`errors_for`): with 'batches' there is no main
     population: ``batches`` (default :func:`batch_plan`) independent populations of
     ``n = N // r``, each with the sampling and tangent fraction of its own size ``n``
-    (:func:`sampling_for`, :func:`tangent_fraction_for`) and the relu width of N; values and
+    (:func:`sampling_for`, :func:`batch_tangent_fraction`) and the relu width of N; values and
     ``extras['kernels']`` are the means over the populations, se = sd / sqrt(r); any population
     diverging raises SolverError (the mean is then undefined)."""
     from ..snapshot import Snapshot
@@ -1153,9 +1276,10 @@ def stream(exp, cancel=None, replicas: int | None = None, divisor: int = REPLICA
     # 0.37% at N = 8000 and 64000, below plain MC's 1.18% and 0.49%, falls more slowly than
     # 1/sqrt(N) above N = 16000, so rescaling quasi-random replicas of N/4 understated it, 0.15%
     # reported at N = 64000; docs/committee.md "Which error figure is right").
-    pops = [Population(exp, n, sq, kappa_mode, mm_estimator, width, frac, kappa_estimator,
-                       init_sampling if g == 0 else "mc", mm_beta, hist_dtype)
-            for g, (n, sq) in enumerate(zip(sizes, seqs))]
+    with _small_pages():
+        pops = [Population(exp, n, sq, kappa_mode, mm_estimator, width, frac, kappa_estimator,
+                           init_sampling if g == 0 else "mc", mm_beta, hist_dtype)
+                for g, (n, sq) in enumerate(zip(sizes, seqs))]
     alive = np.ones(len(pops), dtype=bool)
     scale = math.sqrt(sizes[-1] / sizes[0]) if len(sizes) > 1 else math.nan
     for s in range(K + 1):
@@ -1189,6 +1313,25 @@ def stream(exp, cancel=None, replicas: int | None = None, divisor: int = REPLICA
                        extras=extras, engine=ENGINE, progress=s / K)
 
 
+@contextlib.contextmanager
+def _small_pages():
+    """Allocate without numpy's transparent-huge-page advice. The histories of a large solve
+    (2.7 GB at N = 600000) were then faulted in as 2 MB pages, each zeroed (and compacted for)
+    on first touch: building and first stepping 18 populations of 33333 took 2.1 + 1.5 s
+    against 0.34 + 0.15 s with 4 kB pages, and the first snapshot of the benchmark came after
+    4.9 s instead of 0.7 s (whole solve 52.1 against 48.3 s; 2026-11-27)."""
+    try:
+        from numpy._core.multiarray import _set_madvise_hugepage
+    except ImportError:  # pragma: no cover  (numpy < 2 or a private name moved)
+        yield
+        return
+    old = _set_madvise_hugepage(False)
+    try:
+        yield
+    finally:
+        _set_madvise_hugepage(old)
+
+
 def _diverged(exp, s, where=""):
     """The SolverError of a population that became non-finite at grid step ``s``."""
     from ..snapshot import SolverError
@@ -1208,10 +1351,11 @@ def _stream_batches(exp, cancel, batches, kappa_mode, mm_estimator, kernels, rel
     # relu: the kernel width of the whole solve (its variance O(1/(n eps)) averages over the
     # r populations like that of one population of N; RELU_MIN_WIDTH bounds it below)
     width = relu_width if relu_width is not None else relu_width_for(exp.samples)
-    frac = tangent_fraction if tangent_fraction is not None else tangent_fraction_for(n)
+    frac = tangent_fraction if tangent_fraction is not None else batch_tangent_fraction(n)
     sampling = sampling_for(n, init_sampling)
-    pops = [Population(exp, n, sq, kappa_mode, mm_estimator, width, frac, kappa_estimator,
-                       sampling, mm_beta, hist_dtype) for sq in seqs]
+    with _small_pages():
+        pops = [Population(exp, n, sq, kappa_mode, mm_estimator, width, frac, kappa_estimator,
+                           sampling, mm_beta, hist_dtype) for sq in seqs]
     with _PopulationWorkers() as workers:
         for s in range(K + 1):
             if cancel is not None and cancel.is_set():
