@@ -27,7 +27,7 @@ from .about import about_panel
 from .controls import (COMMITTEE_ONLY, GROUPS, URL_PARAMS, handle_on_loop, horizon_text,
                        inner_widget, list_text, matrix_text, parse_matrix, widget_for)
 from .pool import CapError, check_caps
-from .runner import Runner, draw_pacer
+from .runner import Runner, draw_pacer, interaction_quiet
 from .store import SIMS, THEORY, Store, plan_jobs
 
 log = logging.getLogger(__name__)
@@ -102,11 +102,14 @@ class Dashboard(pn.viewable.Viewer):
         self._overlap_key = None
         self.last_overlap_data: dict = {}
         self._dist_specs = None
+        self._dists_built = None  # the series the Distributions plots were built for
         self.last_curve_data: dict = {}
         self._curves_dirty = False
         self._dists_dirty = False
         self._next_draw = 0.0
         self._next_dist_draw = 0.0
+        self._quiet_until = 0.0  # redraws wait until then after an edit (interaction_quiet)
+        self._status_due = False  # snapshots came since the status line last changed
         self.plot_cost = 0.0
         self._styles_settled = False  # first updates of the text panes done (draw.settle_styles)
         self._build_widgets()
@@ -235,6 +238,7 @@ class Dashboard(pn.viewable.Viewer):
 
     def _on_exp_change(self, *events):
         exp = self.experiment
+        self._hold_draws()
         self.horizon.object = horizon_text(exp)
         names = {e.name for e in events}
         if "model" in names and exp.model == "committee" and (
@@ -377,6 +381,8 @@ class Dashboard(pn.viewable.Viewer):
                             ("Kernels", kern_tab), ("Overlaps", overlaps_tab),
                             ("Sweep", self.sweep_tab), ("About", about_panel()),
                             sizing_mode="stretch_width", dynamic=True)
+        self._dist_tab = dist_tab
+        self.tabs.param.watch(self._build_dists, "active")
         self.main = pn.Column(self.alert, self.tabs, sizing_mode="stretch_width")
         self.sidebar = pn.Column(
             self.preset_select, self.preset_text,
@@ -427,9 +433,8 @@ class Dashboard(pn.viewable.Viewer):
             dspecs = tuple(plots.specs_for([(cur, 0)])) if cur else ()
             if force or dspecs != self._dist_specs:
                 self._dist_specs = dspecs
-                self.dist_pipe = hv.streams.Pipe(data=self._dist_data())
-                self.dists_pane.object = plots.dists_layout(self.dist_pipe, list(dspecs))
-                self.dist_legend.object = plots.dist_legend_html(list(dspecs))
+                self._dists_built = None  # built when the Distributions tab is shown
+                self._build_dists()
             else:
                 self._send_dists()
             self._rebuild_overlaps(force)
@@ -503,6 +508,14 @@ class Dashboard(pn.viewable.Viewer):
         self._next_draw = time.perf_counter() + draw_pacer().delay(self, cost,
                                                                    self.period_ms / 1000.0)
 
+    def _hold_draws(self):
+        """An edit during a run: the next redraws (and status line) of this session wait
+        ``interaction_quiet()`` s, so that the page shows the edit's response before it
+        repaints its plots (app/runner.py); the snapshots are drawn afterwards."""
+        quiet = interaction_quiet()
+        if quiet and self.runner.busy():
+            self._quiet_until = max(self._quiet_until, time.perf_counter() + quiet)
+
     def _dist_times(self):
         cur = self.store.current
         if not cur:
@@ -544,9 +557,23 @@ class Dashboard(pn.viewable.Viewer):
             self.follow = False
         self._send_dists()
 
+    def _build_dists(self, *events):
+        """The Distributions tab's plots for the current series, once that tab is shown: a
+        page's first Run click then does not build them (HoloViews objects: 8 of the 13 ms
+        of a headless click, docs/deploy.md "Session 6") for a tab that is usually hidden
+        (the tabs are rendered only when shown, ``dynamic=True``)."""
+        if self._dists_built == self._dist_specs or (
+                self.tabs.objects[self.tabs.active] is not self._dist_tab):
+            return
+        dspecs = self._dists_built = self._dist_specs
+        self.dist_pipe = hv.streams.Pipe(data=self._dist_data())
+        self.dists_pane.object = plots.dists_layout(self.dist_pipe, list(dspecs))
+        self.dist_legend.object = plots.dist_legend_html(list(dspecs))
+
     def _send_dists(self):
         t0 = time.perf_counter()
-        self.dist_pipe.send(self._dist_data())
+        if self._dists_built == self._dist_specs:  # else built with the data when shown
+            self.dist_pipe.send(self._dist_data())
         self._send_overlaps()
         self._dists_dirty = False
         cost = time.perf_counter() - t0
@@ -752,6 +779,8 @@ class Dashboard(pn.viewable.Viewer):
             # backpressure: no new plot patch while the last one is still being written
             wait = draw.backlogged(self.curves_pane)
             drew = False
+            # an edit during the run: the page shows its response first (_hold_draws)
+            wait = wait or now < self._quiet_until
             if self._curves_dirty and not wait and (now >= self._next_draw
                                                     or not self.runner.busy()):
                 self._send_curves()
@@ -770,8 +799,12 @@ class Dashboard(pn.viewable.Viewer):
             # the browser lay the page out again (about 20 ms), and at every tick (150 ms) that
             # took more of a page's CPU than its plots.
             states = (run.finished, tuple(s.status for s in run.series.values()))
-            if events and (drew or states != self._states) or pos != self._queue_pos:
-                self._queue_pos, self._states = pos, states
+            # (snapshots that came during an edit's pause show with the redraw after it)
+            self._status_due = self._status_due or bool(events)
+            if now >= self._quiet_until and (
+                    self._status_due and (drew or states != self._states)
+                    or pos != self._queue_pos):
+                self._queue_pos, self._states, self._status_due = pos, states, False
                 self._update_status()
             return len(events)
 

@@ -315,6 +315,25 @@ class DrawPacer:
 
 _PACER: DrawPacer | None = None
 
+#: ``SGF_DMFT_INTERACT_QUIET`` (seconds; 0 = off): how long a session's plot redraws and status
+#: line wait after an edit of its configuration while its runs stream (see
+#: :func:`interaction_quiet`).
+INTERACT_QUIET_ENV = "SGF_DMFT_INTERACT_QUIET"
+INTERACT_QUIET_DEFAULT = 0.75
+
+
+def interaction_quiet() -> float:
+    """Seconds a session holds back its redraws after the user edits a value during a run
+    (``SGF_DMFT_INTERACT_QUIET``, default 0.75 s; 0 turns it off).
+
+    Every redraw makes the browser repaint up to six plots (BokehJS repaints a plot's canvas
+    whole, reading its CSS for every glyph), the page's main thread busy for tens of ms, much
+    longer on a machine whose cores are shared. The edit's dependent update (the "n = δd"
+    line, a widget shown or hidden) then waits behind the repaint in the page. Holding the
+    session's redraws for a moment after an edit leaves the page free to show the response;
+    the snapshots stay in the store, and the first redraw after the pause draws them all."""
+    return max(0.0, env_float(INTERACT_QUIET_ENV, INTERACT_QUIET_DEFAULT))
+
 
 def draw_pacer() -> DrawPacer:
     """The process-wide :class:`DrawPacer` (``SGF_DMFT_DRAW_SHARE``, default 0.25;

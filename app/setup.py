@@ -98,14 +98,19 @@ def install_latency_probe(path: str | None = None) -> bool:
         if message.msgtype != "PATCH-DOC":
             return
         try:
-            hit = "δd" in str(message.content)
+            content = str(message.content)
+            hit = "δd" in content
         except Exception:  # noqa: BLE001
             hit = False
         if not hit:
             return
         t_in = getattr(sock, "_sgf_t_in", None)
         if t_in is not None:
-            write("ws", 1000 * (time.perf_counter() - t_in))
+            import re
+
+            m = re.search(r"n = δd = ([\d,]+) samples", content)  # which edit (the load test
+            write("ws", 1000 * (time.perf_counter() - t_in),  # types a distinct δ each time)
+                  n=int(m.group(1).replace(",", "")) if m else None)
             sock._sgf_t_in = None
         for hook in _SENT_HOOKS:
             hook(sock)

@@ -23,19 +23,37 @@ tests/conftest.py; ``--page-nice N`` starts it at niceness N):
    (sampled every 0.2 s) and after the sessions are closed and destroyed. Each widget latency
    is also split into ``typing`` (Playwright's ``fill``, which waits for a busy page to render
    the input stably) and ``response``, from the end of the typing (the value is committed) to
-   the text seen;
+   the text seen. Every edit types a δ of its own (2.1 + 0.2 i, then 2.2 + 0.2 i for session
+   i), so the server's log of each update, which names its "n = δd", tells which edit it
+   answered: the response is split into ``to_server`` (typing done to the message's arrival),
+   ``server`` (arrival to update sent) and ``page`` (update sent to text seen: the browser's
+   share), ``runs.{to_server,server,page}_s_median`` / ``_max``;
 3. ``--cycles`` open/close cycles (a page loads the dashboard, then closes): threads and RSS
    after they are destroyed, against the baseline.
 
-One chromium process serves every session (one browser context each). The browser pages run on
+One chromium process serves every session (one browser context each; each page still gets a
+renderer process, i.e. a main thread, of its own: ``renderers``). Chromium sets its processes'
+priorities itself: the browser and GPU processes run at nice -8 and the pages' renderers at 0
+whatever niceness it was started at (``browser_nice``), so ``--page-nice`` does not lower the
+pages' priority where chromium may raise it (root). The browser pages run on
 the same cores as the server, so the latencies seen in the pages are split with the server's
 own figures (``SGF_DMFT_LATENCY_LOG``, app/setup.py): ``server_ws_ms``, from the browser's new
 value arriving at the server to the server sending the dependent "n = δd" update, and
 ``loop_lag_ms``, the delay of a callback on the server's event loop sampled every 0.25 s (the
 least time any browser event waits), each while the pages load and while the runs go on.
 
+``--no-settle`` (A/B runs of the runs' figures) skips the 45 s waits for closed sessions to be
+destroyed: no memory or thread figures after the sessions and cycles.
+
 Bounded: at most 40 sessions and 500 cycles; every wait has a timeout and the whole run stops
 at ``--timeout`` seconds; the server is killed (its process group) on exit.
+
+``--page-metrics`` also records each page's main-thread time over its Run (CDP
+``Performance.getMetrics``: TaskDuration, ScriptDuration, LayoutDuration, RecalcStyleDuration;
+``page_metrics`` per session, ``page_metrics_median``). Always recorded: ``renderers``, the
+browser's renderer processes during the runs (count, and each one's CPU seconds), which tells
+whether each page had its own main thread; ``app_env``, the ``SGF_DMFT_*`` settings the server
+got (for A/B runs).
 
 ``--trace`` (diagnosis; slows the server a little) also sets ``SGF_DMFT_LATENCY_TRACE``: the
 stages of each widget change on the server and the tasks of Panel's thread pool are summarised
@@ -140,6 +158,48 @@ def browser_pids() -> list[int]:
             except OSError:
                 pass
     return out
+
+
+def renderer_processes() -> list[dict]:
+    """The browser's renderer processes (``--type=renderer`` in the command line): pid, CPU
+    seconds, and whether it is a page's renderer (not an extension/utility one)."""
+    out = []
+    for pid in browser_pids():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read()  # chromium rewrites its title: one string, or NUL-separated
+            if b"--type=renderer" not in cmd:
+                continue
+            out.append({"pid": pid, "cpu_s": round(cpu_seconds(pid), 2),
+                        "nice": os.getpriority(os.PRIO_PROCESS, pid),
+                        "webui": b"--top-chrome-webui" in cmd,
+                        "extension": b"--extension-process" in cmd})
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def browser_kinds() -> dict:
+    """The browser's processes by ``--type`` (browser, renderer, gpu-process, ...)."""
+    out: dict = {}
+    for pid in browser_pids():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                m = re.search(rb"--type=([a-z-]+)", fh.read())
+        except OSError:
+            continue
+        out.setdefault(m.group(1).decode() if m else "browser", []).append(pid)
+    return out
+
+
+#: CDP Performance.getMetrics entries recorded per page with ``--page-metrics`` (seconds)
+PAGE_METRICS = ("TaskDuration", "ScriptDuration", "LayoutDuration", "RecalcStyleDuration",
+                "LayoutCount", "RecalcStyleCount")
+
+
+async def page_metrics(cdp) -> dict:
+    got = await cdp.send("Performance.getMetrics")
+    return {m["name"]: m["value"] for m in got["metrics"] if m["name"] in PAGE_METRICS}
 
 
 class Sampler:
@@ -296,6 +356,47 @@ def latency_summary(path: str, windows: dict) -> dict:
     return out
 
 
+def split_latencies(path: str, recs: list) -> dict:
+    """Each widget change during the runs split into its three legs, matched to the server's
+    log by the "n = δd" it sent (every edit types its own δ): ``to_server`` (end of the typing
+    to the message's arrival at the server), ``server`` (arrival to the update sent) and
+    ``page`` (update sent to the text seen in the page: the browser's share). Medians and max,
+    seconds."""
+    try:
+        with open(path) as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    except (OSError, ValueError):
+        return {}
+    sent = {}
+    for r in rows:
+        if r["kind"] == "ws" and r.get("n") is not None:
+            sent.setdefault(r["n"], r)
+    legs: dict = {"to_server": [], "server": [], "page": []}  # + page_send (below)
+    for rec in recs:
+        for m, during, n in zip(rec.get("marks", []), rec["during_run"], rec.get("n", [])):
+            r = sent.get(n)
+            if not during or r is None:
+                continue
+            t_out = r["t"]
+            t_in = t_out - r["ms"] / 1e3
+            legs["to_server"].append(t_in - m[1])
+            legs["server"].append(r["ms"] / 1e3)
+            legs["page"].append(m[3] - t_out)
+            rec.setdefault("legs_s", []).append(  # this edit's (to_server, server, page)
+                [round(t_in - m[1], 3), round(r["ms"] / 1e3, 3), round(m[3] - t_out, 3)])
+            # --page-metrics: the to_server leg split at the page's send of the value
+            ts = [t for t in rec.get("value_sent", []) if m[1] - 0.005 <= t <= t_in + 0.05]
+            if ts:
+                legs.setdefault("page_send", []).append(ts[0] - m[1])
+                rec["legs_s"][-1].append(round(ts[0] - m[1], 3))
+    out = {"split_n": len(legs["page"])}
+    for k, v in legs.items():
+        if v:
+            out[f"{k}_s_median"] = round(statistics.median(v), 3)
+            out[f"{k}_s_max"] = round(max(v), 3)
+    return out
+
+
 def browser_exe(nice: int) -> str:
     """The chromium to launch; with ``nice > 0`` a wrapper that starts it (and so every page's
     renderer, which inherit it) at that niceness: the pages then stand in for remote clients,
@@ -367,22 +468,47 @@ async def widget_latency(page, delta: float, marks: list | None = None, d: int =
 
 
 async def one_session(browser, base: str, i: int, start: asyncio.Event, ready: list,
-                      out: list, run_timeout_s: float, config: str = "preset"):
+                      out: list, run_timeout_s: float, config: str = "preset",
+                      metrics: bool = False):
     rec = {"session": i, "latencies_s": [], "during_run": [], "queue_place_max": 0}
     ctx = None
     try:
         query, d = CONFIGS[config]
         ctx, page = await open_page(browser, base + "/" + query)
         status = await pane_host(page, ".sgf-status")
+        cdp = m0 = None
+        frames = [0, 0]  # websocket frames and bytes the page received during its Run
+        if metrics:  # the page's main-thread time during its Run (CDP)
+            cdp = await ctx.new_cdp_session(page)
+            await cdp.send("Performance.enable")
+            await cdp.send("Network.enable")
+
+            def on_frame(ev, frames=frames):
+                if m0 is not None:
+                    frames[0] += 1
+                    frames[1] += len(ev["response"].get("payloadData", ""))
+            cdp.on("Network.webSocketFrameReceived", on_frame)
+
+            def on_sent(ev, sent=rec.setdefault("value_sent", [])):
+                # when the page's renderer handed a widget's new value to the network (the
+                # event reaches this process a little later: an upper bound)
+                if '"value"' in ev["response"].get("payloadData", ""):
+                    sent.append(round(time.time(), 3))
+            cdp.on("Network.webSocketFrameSent", on_sent)
         ready.append(i)
         await start.wait()
+        if cdp is not None:
+            m0 = await page_metrics(cdp)
         t0 = time.perf_counter()
         await page.get_by_role("button", name="▶ Run").click()
-        for k, delta in enumerate((3.0, 2.0)):
+        # a δ of its own for every edit of every session (never the preset's 2.0), so that
+        # the server's log of each update (its "n = δd") tells which edit it answered
+        for k, delta in enumerate((round(2.1 + 0.2 * i, 1), round(2.2 + 0.2 * i, 1))):
             await asyncio.sleep(0.5 + 0.3 * (i % 4))
             done = "Done in" in await pane_text(status)
             rec["latencies_s"].append(await widget_latency(page, delta,
                                                            rec.setdefault("marks", []), d))
+            rec.setdefault("n", []).append(max(1, int(round(delta * d))))
             rec["during_run"].append(not done)
         deadline = time.monotonic() + run_timeout_s
         while time.monotonic() < deadline:
@@ -398,6 +524,10 @@ async def one_session(browser, base: str, i: int, start: asyncio.Event, ready: l
         else:
             rec["done"] = False
         rec["run_s"] = time.perf_counter() - t0
+        if m0 is not None:
+            m1 = await page_metrics(cdp)
+            rec["page_metrics"] = {k: round(m1[k] - m0[k], 3) for k in m0 if k in m1}
+            rec["page_metrics"].update(ws_frames=frames[0], ws_kib=round(frames[1] / 1024, 1))
     except Exception as e:  # noqa: BLE001 - recorded, counted as not completed
         rec["error"] = f"{type(e).__name__}: {e}"[:300]
     finally:
@@ -410,7 +540,8 @@ async def main_async(args) -> dict:
     from playwright.async_api import async_playwright
 
     res: dict = {"sessions": args.sessions, "cycles": args.cycles, "config": args.config,
-                 "command": None, "cores": os.cpu_count(), "page_nice": args.page_nice}
+                 "command": None, "cores": os.cpu_count(), "page_nice": args.page_nice,
+                 "app_env": {k: v for k, v in os.environ.items() if k.startswith("SGF_DMFT_")}}
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     import tempfile
@@ -432,7 +563,7 @@ async def main_async(args) -> dict:
             # 1. baseline after one session (imports, warm-up and first page build done)
             ctx, page = await open_page(browser, base + "/")
             await ctx.close()
-            base_st, _ = await settle(pid, None)
+            base_st, _ = await settle(pid, None, min_wait=0.0 if args.no_settle else 45.0)
             res["baseline"] = base_st
             # 2. K concurrent sessions running
             recs: list = []
@@ -440,7 +571,8 @@ async def main_async(args) -> dict:
             with Sampler(pid) as smp:
                 ready: list = []
                 tasks = [asyncio.create_task(one_session(browser, base, i, start, ready, recs,
-                                                         args.timeout / 2, args.config))
+                                                         args.timeout / 2, args.config,
+                                                         args.page_metrics))
                          for i in range(args.sessions)]
                 # every page loaded (or failed) before the runs start together
                 t_load = time.monotonic()
@@ -450,18 +582,46 @@ async def main_async(args) -> dict:
                 res["load_s"] = round(time.monotonic() - t_load, 1)
                 windows["load"] = (time.time() - (time.monotonic() - t_load), time.time())
                 res["loaded"] = proc_status(pid)
+                rend0 = {r["pid"]: r for r in renderer_processes()}
+                kinds0 = browser_kinds()
                 smp.reset_cpu()
                 start.set()
                 t_runs = time.time()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 windows["runs"] = (t_runs, time.time())
                 smp._cpu()
+                # how many renderer processes (main threads) the pages had, and the CPU each
+                # used during the runs: one per page, or pages sharing one main thread?
+                # (each renderer's last CPU reading while it lived: the Sampler's, every 0.2 s;
+                # the pages close their contexts as they finish)
+                res["renderers"] = {
+                    "pages": args.sessions, "processes": len(rend0),
+                    "webui_processes": sum(r["webui"] for r in rend0.values()),
+                    "extension_processes": sum(r["extension"] for r in rend0.values()),
+                    "nice": sorted({r["nice"] for r in rend0.values()}),
+                    "cpu_s_during_runs": sorted(
+                        (round(smp._cpu1.get(p, 0.0) - smp._cpu0.get(p, 0.0), 2)
+                         for p in rend0), reverse=True)}
+                used = {p: smp._cpu1.get(p, 0.0) - smp._cpu0.get(p, 0.0) for p in smp._cpu1}
+                res["browser_cpu_s_by_kind"] = {
+                    (kind if kind != "renderer" else "renderer (pages)"): round(
+                        sum(used.get(p, 0.0) for p in pids
+                            if kind != "renderer" or not rend0.get(p, {}).get("webui")), 1)
+                    for kind, pids in kinds0.items() if pids}
+                res["browser_cpu_s_by_kind"]["renderer (webui)"] = round(
+                    sum(used.get(p, 0.0) for p, r in rend0.items() if r["webui"]), 1)
+                # chromium sets its processes' priorities itself (browser and GPU process
+                # raised, page renderers reset to 0), whatever --page-nice started it at
+                res["browser_nice"] = {
+                    kind: sorted({os.getpriority(os.PRIO_PROCESS, p) for p in pids})
+                    for kind, pids in browser_kinds().items()}
                 # where the machine's cores went during the runs
                 res["runs_cpu_s"] = dict(smp.cpu_s(), wall=round(time.time() - t_runs, 1))
             res["peak"] = {"rss_mib": smp.peak_rss, "threads": smp.peak_threads}
             # Panel's --num-threads executor may keep its (at most 2) threads once started
-            after, waited = await settle(pid, base_st["threads"] + 2, timeout=90.0)
-            res["after_sessions"] = dict(after, settle_s=round(waited, 1))
+            if not args.no_settle:
+                after, waited = await settle(pid, base_st["threads"] + 2, timeout=90.0)
+                res["after_sessions"] = dict(after, settle_s=round(waited, 1))
             lat = [x for r in recs for x, d in zip(r["latencies_s"], r["during_run"]) if d]
             # split: typing (Playwright's fill, which waits for the busy page) and the response
             # from the end of the typing (the value is committed) to the text seen
@@ -480,7 +640,12 @@ async def main_async(args) -> dict:
                 "response_s_median": statistics.median(resp) if resp else None,
                 "response_s_max": max(resp) if resp else None,
             }
+            res["runs"].update(split_latencies(lat_log, recs))
             res["per_session"] = sorted(recs, key=lambda r: r["session"])
+            pm = [r["page_metrics"] for r in recs if "page_metrics" in r]
+            if pm:  # --page-metrics: each page's main-thread seconds over its Run
+                res["page_metrics_median"] = {k: round(statistics.median(m[k] for m in pm), 3)
+                                              for k in pm[0]}
             # 3. open/close cycles, --batch (5) at a time
             t0 = time.monotonic()
             done_cycles = 0
@@ -493,8 +658,9 @@ async def main_async(args) -> dict:
                 done_cycles += n
             res["cycles_done"] = done_cycles
             res["cycles_s"] = round(time.monotonic() - t0, 1)
-            after, waited = await settle(pid, base_st["threads"] + 2, timeout=90.0)
-            res["after_cycles"] = dict(after, settle_s=round(waited, 1))
+            if not args.no_settle:
+                after, waited = await settle(pid, base_st["threads"] + 2, timeout=90.0)
+                res["after_cycles"] = dict(after, settle_s=round(waited, 1))
             await browser.close()
     finally:
         try:
@@ -537,6 +703,13 @@ def main(argv=None) -> int:
                     help="start the browser (all pages) at this niceness, so that the pages, "
                          "which stand in for remote clients, yield the cores to the server "
                          "(0: same priority as the server, as before)")
+    ap.add_argument("--no-settle", action="store_true",
+                    help="diagnosis runs (A/B of the runs' figures): no 45 s waits for Bokeh "
+                         "to destroy closed sessions, so no memory or thread figures")
+    ap.add_argument("--page-metrics", action="store_true",
+                    help="record each page's main-thread time over its Run (CDP "
+                         "Performance.getMetrics: TaskDuration, ScriptDuration, "
+                         "LayoutDuration, ...; page_metrics per session and their median)")
     ap.add_argument("--trace", action="store_true",
                     help="also time the stages of each widget change and Panel's thread-pool "
                          "tasks (SGF_DMFT_LATENCY_TRACE, app/setup.py)")

@@ -314,6 +314,81 @@ def test_status_line_follows_redraws_and_job_states():
     d.close()
 
 
+def test_an_edit_during_a_run_holds_the_redraws_then_they_catch_up(monkeypatch):
+    """Interaction first: an edit of the configuration while the runs stream holds that
+    session's redraws and status line back (``SGF_DMFT_INTERACT_QUIET`` s), so that its page
+    shows the edit's response before it repaints the plots; nothing is lost: the first redraw
+    after the pause draws every snapshot that came during it."""
+    monkeypatch.setenv("SGF_DMFT_INTERACT_QUIET", "3600")  # a pause that does not end here
+    hang = threading.Event()
+    d = dashboard(engines={"theory": make_fake("theory", hang=hang), "sim": make_fake("sim")})
+    d.sims = []
+    assert d.run()
+    deadline = time.monotonic() + 10
+    while not len(d.plotted(THEORY)[0]) and time.monotonic() < deadline:
+        d.tick()
+        time.sleep(0.01)
+    assert len(d.plotted(THEORY)[0]) == 1 and d.runner.busy()
+    status = d.status.object
+    sends = []
+    orig = d._send_curves
+    monkeypatch.setattr(d, "_send_curves", lambda: (sends.append(1), orig())[1])
+    d.experiment.delta = 3.0                           # the edit ...
+    n = d.experiment.n
+    assert f"n = δd = {n:,} samples" in d.horizon.object   # ... and its response, at once
+    assert d._quiet_until > time.perf_counter() + 3000
+    hang.set()                                         # the theory streams to its end
+    assert d.runner.join(20)
+    for _ in range(3):
+        d.tick()
+    run = d.store.current
+    K1 = d.experiment.steps + 1
+    assert len(run.series[THEORY]) == K1 and run.finished
+    assert sends == [] and len(d.plotted(THEORY)[0]) == 1 and d.status.object == status
+    d._quiet_until = 0.0                               # the pause is over
+    d.tick()
+    assert len(sends) == 1 and len(d.plotted(THEORY)[0]) == K1
+    assert "Done" in d.status.object and d.progress.value == 1000
+    # off (0), or no run streaming: an edit holds nothing back
+    monkeypatch.setenv("SGF_DMFT_INTERACT_QUIET", "0")
+    d.experiment.delta = 2.0
+    assert d._quiet_until == 0.0
+    monkeypatch.setenv("SGF_DMFT_INTERACT_QUIET", "1")
+    d.experiment.delta = 3.0
+    assert d._quiet_until == 0.0 and not d.runner.busy()
+    d.close()
+
+
+def test_distributions_are_built_when_their_tab_is_shown():
+    """A Run does not build the hidden Distributions tab's plots (about half of a first Run
+    click's CPU); showing the tab builds them for the current series, with their data."""
+    d = dashboard(engines=fakes())
+    d.sims = ["sgf"]
+    calls = []
+    orig = plots.dists_layout
+    try:
+        plots.dists_layout = lambda *a, **kw: (calls.append(1), orig(*a, **kw))[1]
+        assert d.run() and d.wait(20)
+        assert calls == [] and d.tabs.active == 0
+        d.tabs.active = 1                                   # the Distributions tab
+        assert len(calls) == 1 and d.dists_pane.object is not None
+        assert set(d.dist_pipe.data) - {"_t"} == {plots.sid(0, THEORY), plots.sid(0, "sgf")}
+        assert math.isclose(d.dist_pipe.data["_t"], d.time_player.value, abs_tol=1e-6)
+        first = d.dist_pipe.data
+        assert d.run() and d.wait(20)                       # same series, tab shown: new data
+        assert len(calls) == 1 and d.dist_pipe.data is not first
+        assert math.isclose(d.dist_pipe.data["_t"], d.time_player.value, abs_tol=1e-6)
+        d.sims = []
+        d.tabs.active = 0
+        assert d.run() and d.wait(20)                       # other series, tab hidden
+        assert len(calls) == 1
+        d.tabs.active = 1
+        assert len(calls) == 2 and set(d.dist_pipe.data) - {"_t"} == {plots.sid(0, THEORY)}
+    finally:
+        plots.dists_layout = orig
+    d.close()
+
+
 def test_new_run_clears_old_curves_with_its_first_point(monkeypatch):
     """A Run with the same plots redraws once for its start: the old curves go when the
     theory's first point comes (not in a separate, empty redraw before it)."""

@@ -22,6 +22,13 @@ from app import controls, pool as pool_mod  # noqa: E402
 from app.dashboard import Dashboard  # noqa: E402
 
 
+def run_coroutine(coro):
+    """``asyncio.run`` in a thread of its own: Playwright's sync API (tests/test_ui.py) leaves
+    an event loop running in the main thread, where ``asyncio.run`` refuses to start."""
+    with ThreadPoolExecutor(1) as ex:
+        return ex.submit(asyncio.run, coro).result()
+
+
 class CountingPool(ThreadPoolExecutor):
     def __init__(self):
         super().__init__(max_workers=1)
@@ -47,7 +54,7 @@ def test_typed_delta_is_processed_in_the_callback_without_the_pool(pool):
         assert box._debounce == 0
         old_n = dash.experiment.n
         box._events = {"value": 3.0}  # what Panel's _server_change queues for the browser's edit
-        asyncio.run(box._change_coroutine(Document()))
+        run_coroutine(box._change_coroutine(Document()))
         assert dash.experiment.delta == 3.0
         assert f"n = δd = {dash.experiment.n:,} samples" in dash.horizon.object
         assert dash.experiment.n != old_n
@@ -63,7 +70,7 @@ def changes_in(pool):
 def test_without_it_panel_sends_the_change_to_its_pool(pool):
     w = pn.widgets.FloatInput(value=1.0)  # control: Panel's own path with --num-threads
     w._events = {"value": 2.0}
-    asyncio.run(w._change_coroutine(Document()))
+    run_coroutine(w._change_coroutine(Document()))
     pool.shutdown(wait=True)
     assert len(changes_in(pool)) == 1 and w.value == 2.0
 

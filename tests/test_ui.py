@@ -40,6 +40,16 @@ def _wait(pred, timeout, what, poll=0.2):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def _accepts(port) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 @pytest.fixture
 def served():
     """The dashboard with the real engines, served in-process with a thread pool of 2 (as the
@@ -56,6 +66,8 @@ def served():
     server = pn.serve({"/": create}, port=port, address="127.0.0.1", threaded=True, show=False,
                       websocket_origin=[f"127.0.0.1:{port}"])
     _wait(lambda: getattr(server, "is_alive", lambda: True)(), 10, "the server")
+    # the thread starts before its socket listens (a page opened at once was refused)
+    _wait(lambda: _accepts(port), 30, "the server's port")
 
     def sessions():
         return [d for d in dashboard.SESSIONS if d not in before]
