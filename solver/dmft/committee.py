@@ -1158,7 +1158,8 @@ def replica_plan(N, replicas=None, divisor=REPLICA_DIVISOR, min_size=MIN_REPLICA
 #: 0.02% +- 0.015% at n = 16000, a fifth of a 0.1% standard error; the spread sd(eg) sqrt(n) / eg
 #: was 0.65-0.92 from n = 2000 to 16000 (0.68 at 16000, 57 populations; 0.78-0.90 inside engine
 #: runs of 8 x 16000 and 34 x 15882), no better per trajectory at large n, so batches lose
-#: nothing against one population of N. A 0.1% se of eg needs N ~ 6e5 (docs/committee.md).
+#: nothing against one population of N. A 0.1% se of eg needs N ~ 8e5 with populations of
+#: 33333 (sd sqrt(N)/eg = 0.89 inside engine runs, 2026-11-27; docs/committee.md "Session 6").
 ERRORS = ("auto", "replicas", "batches")
 #: Batch size aimed at (:func:`batch_plan`): r = max(MIN_BATCHES, the even number nearest
 #: N / BATCH_SIZE) (even: the populations run two side by side, :class:`_PopulationWorkers`).
