@@ -309,13 +309,19 @@ async def settle(pid: int, target_threads: int | None, min_wait: float = 45.0,
     return st, time.monotonic() - t0
 
 
-def latency_summary(path: str, windows: dict) -> dict:
-    """Server-side latencies (ms) logged in each wall-clock window: median, p90, max, n."""
-    rows = []
+def read_latency_log(path: str) -> list | None:
+    """The server's latency log (``SGF_DMFT_LATENCY_LOG``, JSON lines); None if unreadable."""
     try:
         with open(path) as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
+            return [json.loads(line) for line in fh if line.strip()]
     except (OSError, ValueError):
+        return None
+
+
+def latency_summary(path: str, windows: dict) -> dict:
+    """Server-side latencies (ms) logged in each wall-clock window: median, p90, max, n."""
+    rows = read_latency_log(path)
+    if rows is None:
         return {}
     out = {}
     live = [r for r in rows if r["kind"] == "live"]
@@ -362,10 +368,8 @@ def split_latencies(path: str, recs: list) -> dict:
     to the message's arrival at the server), ``server`` (arrival to the update sent) and
     ``page`` (update sent to the text seen in the page: the browser's share). Medians and max,
     seconds."""
-    try:
-        with open(path) as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-    except (OSError, ValueError):
+    rows = read_latency_log(path)
+    if rows is None:
         return {}
     sent = {}
     for r in rows:
